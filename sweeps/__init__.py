@@ -1,0 +1,1 @@
+"""Plans and schedules sweeps: Hydra config → validation → Ray Tune → MLflow parent run."""

@@ -1,0 +1,147 @@
+"""peftsweep: sweep | plan | report | promote | ui. Arguments after the command are Hydra overrides."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
+    for line in str(message).splitlines() or ["(no message)"]:
+        print(f"peftsweep: error: {line}", file=sys.stderr)
+    return code
+
+
+def _load(overrides):
+    from sweeps.config import load
+
+    return load(overrides)
+
+
+def _summary(cfg, sweep_id: str) -> str:
+    from evaluation.runs import find_parent, trial_table
+    from trainers.tracking import client
+
+    c = client(cfg.trial.tracking)
+    trials = trial_table(c, find_parent(c, cfg.trial.tracking.experiment, sweep_id))
+    metric = cfg.trial.task.metric
+    cols = ["arm", "seed", "status", f"val_{metric}", f"test_{metric}", "peak_host_rss_gb", "train_time_s",
+            "trainable_params"]
+    cols = [c for c in cols if c in trials]
+    return trials[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+
+
+def cmd_plan(args) -> int:
+    from sweeps.runner import plan_trials
+    from trainers.trial import arm_of
+
+    cfg = _load(args.overrides)
+    trials = plan_trials(cfg)
+    print(f"{len(trials)} trials, all valid (metric {cfg.metric}, searcher {cfg.searcher.name}, "
+          f"scheduler {cfg.scheduler.name}):")
+    for i, t in enumerate(trials):
+        print(f"  {i:3d}  {arm_of(t):45s} seed={t.train.seed}  quant={t.quant.mode}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from sweeps.runner import run_sweep
+
+    cfg = _load(args.overrides)
+    out = run_sweep(cfg)
+    print(f"\nSweep {out['sweep_id']}: {out['n_trials']} trials, {out['n_errors']} errored. "
+          f"MLflow parent run {out['parent_run_id']} in experiment {cfg.trial.tracking.experiment!r}.")
+    print(_summary(cfg, out["sweep_id"]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from evaluation.report import build_report
+    from trainers.tracking import client
+
+    cfg = _load(args.overrides)
+    out = build_report(client(cfg.trial.tracking), cfg.trial.tracking.experiment, args.sweep,
+                       cfg.trial.task.metric, out_dir=args.out)
+    print(out["markdown"])
+    print(f"Report written to {out['dir']}/ (report.md, report.html, pareto.png, report.json) and logged to "
+          f"parent run {out['parent_run_id']} under report/.")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from evaluation.promote import PromotionRefused, promote
+    from trainers.tracking import absolute_uri, client
+
+    cfg = _load(args.overrides)
+    if args.rule:
+        cfg.promote.rule = args.rule
+    if args.max_delta is not None:
+        cfg.promote.max_delta = args.max_delta
+    uri = absolute_uri(cfg.trial.tracking.uri)
+    try:
+        out = promote(client(cfg.trial.tracking), uri, cfg.trial.tracking.experiment, args.sweep, cfg.promote,
+                      cfg.trial.task.metric)
+    except PromotionRefused as exc:
+        return _fail(f"promotion refused: {exc}", 1)
+    print(f"Promoted {out['arm']} (run {out['run_id']}) as {out['name']} version {out['version']}, "
+          f"alias @{out['alias']}: {out['reason']}.")
+    print(f"Reload check: {out['uri']} reproduces test {cfg.trial.task.metric} "
+          f"{100 * out['reproduced']:.2f} (logged {100 * out['logged']:.2f}); "
+          f"{out['delta_vs_full_ft_pts']:+.2f} pts vs full FT.")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from trainers.tracking import absolute_uri
+
+    cfg = _load(args.overrides)
+    uri = absolute_uri(cfg.trial.tracking.uri)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]  # one worker: ~1 GB less memory
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.")
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftsweep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sweep", help="validate, then run the sweep on Ray Tune with MLflow tracking")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("plan", help="expand and validate every trial without training")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("report", help="compare every arm with the full-FT arm")
+    p.add_argument("--sweep", help="sweep id (default: the newest sweep)")
+    p.add_argument("--out", default="reports", help="output folder")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("promote", help="register the winning adapter and set the alias")
+    p.add_argument("--sweep", help="sweep id (default: the newest sweep)")
+    p.add_argument("--rule", choices=["best", "cheapest_within"])
+    p.add_argument("--max-delta", type=float, help="refuse if the winner trails full FT by more points")
+    p.set_defaults(fn=cmd_promote)
+    p = sub.add_parser("ui", help="MLflow UI on the tracking store")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(fn=cmd_ui)
+    for name, action in sub.choices.items():
+        action.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search=tiny method.r=16")
+    args = parser.parse_args(argv)
+
+    from trainers.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        return _fail(exc)
+    except LookupError as exc:
+        return _fail(exc, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Compose the Hydra config and bind it to the sweep schema (dataclasses, checked at load).
+
+The trial part (model, task, method, quant, train, tracking) is `trainers.config.TrialConfig`; the
+sweep adds search, searcher, scheduler, cluster and promote.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from trainers.config import ConfigError, TrialConfig, _build, trial_config_from_dict
+
+TRIAL_SECTIONS = ("model", "task", "method", "quant", "train", "tracking")
+
+
+def _baseline_default() -> dict:
+    return {"method": {"name": "full"}, "train": {"lr": 1e-4}}
+
+
+@dataclass
+class SearchConfig:
+    name: str = "default"
+    # Nested like the trial config; a leaf is a value, a list (grid) or a domain
+    # ({choice|uniform|loguniform|randint|grid: ...} or {derive: "2 * method.r"}). See sweeps/space.py.
+    space: dict = field(default_factory=dict)
+    full_ft_arm: bool = True  # the baseline every adapter is compared with; costs one full FT per seed
+    baseline: dict = field(default_factory=_baseline_default)  # overrides for the full-FT arm
+    seeds: list = field(default_factory=lambda: [0])  # every arm repeats per seed: time x len(seeds)
+    num_samples: int = 1  # random/optuna: configurations drawn (per grid point for random)
+    metric: Optional[str] = None  # default val_<task.metric>
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("search.seeds is empty: give at least one seed")
+        if self.num_samples < 1:
+            raise ConfigError(f"search.num_samples must be >= 1, got {self.num_samples}")
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"search.mode must be max or min, got {self.mode!r}")
+
+
+@dataclass
+class SearcherConfig:
+    name: str = "grid"  # grid | random | optuna
+
+    def __post_init__(self) -> None:
+        if self.name not in ("grid", "random", "optuna"):
+            raise ConfigError(f"searcher.name={self.name!r} is not grid, random or optuna")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "fifo"  # fifo | asha
+    max_t: int = 100  # ASHA: the most `step`s a trial may run
+    grace_period: int = 10  # ASHA: steps before a trial can be stopped
+    reduction_factor: int = 3
+
+    def __post_init__(self) -> None:
+        if self.name not in ("fifo", "asha"):
+            raise ConfigError(f"scheduler.name={self.name!r} is not fifo or asha")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: start local Ray; "auto" or "ray://host:10001" to attach
+    num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    num_gpus: Optional[int] = None  # local Ray only; logical GPUs can be declared on a CPU box
+    cpus_per_trial: float = 1  # also the trial's torch threads
+    gpus_per_trial: float = 0
+    max_concurrent_trials: Optional[int] = None
+    storage_path: str = "ray_results"  # must be shared storage (s3://, NFS) on a multi-node cluster
+    object_store_memory_mb: Optional[int] = 256  # trials pass no big objects; Ray's default takes 30 % of RAM
+    include_dashboard: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_trial <= 0:
+            raise ConfigError(f"cluster.cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+
+
+@dataclass
+class PromoteConfig:
+    registered_model: str = "peftsweep-champion"
+    alias: str = "champion"
+    rule: str = "best"  # best | cheapest_within
+    max_delta: Optional[float] = None  # points below full FT beyond which promotion is refused
+    within_points: float = 1.0  # cheapest_within: allowed distance to the best adapter
+    tolerance_points: float = 0.5  # reload check: reproduced metric must match the logged one this closely
+
+
+@dataclass
+class SweepConfig:
+    trial: TrialConfig
+    search: SearchConfig
+    searcher: SearcherConfig
+    scheduler: SchedulerConfig
+    cluster: ClusterConfig
+    promote: PromoteConfig
+    name: str = "sweep"
+
+    @property
+    def metric(self) -> str:
+        return self.search.metric or f"val_{self.trial.task.metric}"
+
+
+_SECTIONS = {"search": SearchConfig, "searcher": SearcherConfig, "scheduler": SchedulerConfig,
+             "cluster": ClusterConfig, "promote": PromoteConfig}
+
+
+def conf_dir() -> str:
+    """The shipped Hydra config tree (repo `conf/`), or $PEFTSWEEP_CONF."""
+    env = os.environ.get("PEFTSWEEP_CONF")
+    return env or str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+    """Hydra compose → plain dict (interpolations resolved). Raises ConfigError with one line."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf errors are many types; all are config errors
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Could not find" in lines[0] or "Could not load" in lines[0]:
+        avail = [ln for ln in lines if ln.startswith("Available options")]
+        opts = [ln.lstrip("\t ") for ln in lines[lines.index(avail[0]) + 1:]] if avail else []
+        return lines[0] + (f" (available: {', '.join(opts)})" if opts else "")
+    if "not in struct" in text or "Could not override" in text or "Key '" in text:
+        key = next((ln for ln in lines if ln.startswith("Key ")), lines[0])
+        return f"{lines[0]} {key}" if key != lines[0] else key
+    return lines[0]
+
+
+def sweep_config_from_dict(data: dict) -> SweepConfig:
+    data = dict(data)
+    trial = trial_config_from_dict({k: data.pop(k) for k in TRIAL_SECTIONS if k in data})
+    sections = {k: _build(cls, data.pop(k, None), k) for k, cls in _SECTIONS.items()}
+    name = data.pop("name", "sweep")
+    data.pop("hydra", None)
+    if data:
+        raise ConfigError(f"unknown top-level config key {sorted(data)[0]!r}")
+    return SweepConfig(trial=trial, name=name, **sections)
+
+
+def load(overrides: list[str] | None = None) -> SweepConfig:
+    return sweep_config_from_dict(compose(overrides))
+
+
+def trial_dict(cfg: SweepConfig) -> dict:
+    return dataclasses.asdict(cfg.trial)
+
+
+def as_dict(cfg: SweepConfig) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(cfg.trial).items()}
+    for k in _SECTIONS:
+        out[k] = dataclasses.asdict(getattr(cfg, k))
+    out["name"] = cfg.name
+    return out
+
+

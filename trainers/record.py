@@ -1,0 +1,69 @@
+"""The names a trial writes to MLflow: the one contract the report and promotion read.
+
+`evaluation` imports this module and nothing else from `trainers`' internals.
+"""
+
+# Tags
+STATUS = "peftsweep.status"  # one of STATUSES; MLflow's own run status says only FINISHED/FAILED/KILLED
+STATUSES = ("running", "ok", "oom", "failed", "pruned")
+ERROR = "peftsweep.error"
+SWEEP_ID = "peftsweep.sweep_id"
+ROLE = "peftsweep.role"  # "sweep" on the parent run, "trial" on children
+ARM = "peftsweep.arm"  # a stable label for the configuration without the seed, e.g. lora-r8-a16-attention_qv
+DEVICE = "peftsweep.device"
+GIT_COMMIT = "peftsweep.git_commit"
+PRUNED_AT_STEP = "peftsweep.pruned_at_step"
+VERSION_TAG_PREFIX = "peftsweep.version."  # + library name
+PARENT_RUN_ID = "mlflow.parentRunId"
+
+# Params (flat names, so the MLflow compare view can show them as columns)
+PARAMS = (
+    "model", "model_path", "task", "method", "r", "alpha", "dropout", "target_modules",
+    "target_modules_resolved", "quantization", "double_quant", "compute_dtype", "lr", "batch_size",
+    "grad_accum", "epochs", "max_steps", "seed", "train_size", "max_length", "sweep_id",
+)
+
+# Metrics
+PEAK_VRAM_ALLOCATED_GB = "peak_vram_allocated_gb"
+PEAK_VRAM_RESERVED_GB = "peak_vram_reserved_gb"
+PEAK_HOST_RSS_GB = "peak_host_rss_gb"
+WALL_TIME_S = "wall_time_s"
+TRAIN_TIME_S = "train_time_s"
+EVAL_TIME_S = "eval_time_s"
+TOKENS_PER_S = "tokens_per_s"
+TRAINABLE_PARAMS = "trainable_params"
+TOTAL_PARAMS = "total_params"
+TRAINABLE_PCT = "trainable_pct"
+ADAPTER_MB = "adapter_mb"
+TRAIN_LOSS = "train_loss"
+STEP = "step"
+
+# Task metrics are logged as `<split>_<metric>`: val_accuracy during/after training, test_accuracy at the end.
+def metric_key(split: str, metric: str) -> str:
+    return f"{split}_{metric}"
+
+
+# Artifacts
+ADAPTER_DIR = "adapter"  # safetensors + adapter_config.json (full FT: the whole model) + trial config
+TRIAL_CONFIG_FILE = "peftsweep_trial.yaml"
+
+
+def arm_label(method: str, r, alpha, target_modules, quantization: str, lr) -> str:
+    """Configuration without the seed: runs sharing it are repeats of one arm."""
+    if method == "full":
+        base = "full"
+    elif method == "ia3":
+        base = f"ia3-{_modules_label(target_modules)}"
+    else:
+        base = f"{method}-r{int(r)}-a{_num(alpha)}-{_modules_label(target_modules)}"
+    if quantization and quantization != "none":
+        base += f"-{quantization}"
+    return f"{base}-lr{_num(lr)}"
+
+
+def _modules_label(target_modules) -> str:
+    return target_modules if isinstance(target_modules, str) else "+".join(target_modules)
+
+
+def _num(x) -> str:
+    return f"{float(x):g}"

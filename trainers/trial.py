@@ -1,0 +1,180 @@
+"""One trial, top to bottom: data → model (+ quantization) → method → train → evaluate → measure →
+save → log. Runs the same with or without Ray; Ray only passes `report` and the CPUs it granted."""
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+
+# Library chatter (load reports, progress bars) buries the sweep's own output.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from trainers import data, loop, memory, quantization, record
+from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
+from trainers.methods import apply_method, parameter_counts
+from trainers.metrics import classification_metrics
+from trainers.model import load_model, load_tokenizer
+from trainers.modules import resolve_target_modules, summarize
+from trainers.tracking import TrialRun, redact
+
+Report = Callable[[dict], None]
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def trial_params(cfg: TrialConfig) -> dict:
+    m, t = cfg.method, cfg.train
+    adapter = m.name in ("lora", "rslora", "dora")
+    return {
+        "model": cfg.model.name, "model_path": cfg.model.path, "task": cfg.task.name, "method": m.name,
+        "r": m.r if adapter else None, "alpha": m.alpha if adapter else None,
+        "dropout": m.dropout if m.is_adapter else None,
+        "target_modules": m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules),
+        "quantization": cfg.quant.mode, "double_quant": cfg.quant.double_quant,
+        "compute_dtype": cfg.quant.compute_dtype, "lr": t.lr, "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum, "epochs": t.epochs, "max_steps": t.max_steps, "seed": t.seed,
+        "train_size": cfg.task.train_size, "max_length": cfg.task.max_length,
+        "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": m.init_lora_weights if adapter else None,
+    }
+
+
+def arm_of(cfg: TrialConfig) -> str:
+    m = cfg.method
+    return record.arm_label(m.name, m.r, m.alpha, m.target_modules, cfg.quant.mode, cfg.train.lr)
+
+
+def _evaluate(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str) -> dict:
+    """Task metrics of one split as {`<prefix>_accuracy`: ..., ...}."""
+    if cfg.task.type == "classification":
+        loader = torch.utils.data.DataLoader(split, batch_size=cfg.train.eval_batch_size,
+                                             collate_fn=data.collate(tokenizer))
+        preds, refs = loop.predict_classification(net, loader, device)
+        scores = classification_metrics(preds, refs, len(cfg.task.labels))
+    else:
+        preds, refs, loss = loop.predict_by_likelihood(net, list(split), tokenizer, list(cfg.task.labels),
+                                                       device, cfg.train.eval_batch_size)
+        scores = {**classification_metrics(preds, refs, len(cfg.task.labels)),
+                  "loss": loss, "perplexity": float(torch.exp(torch.tensor(loss)))}
+    return {record.metric_key(prefix, k): v for k, v in scores.items()}
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1024 ** 2
+
+
+def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Optional[int] = None,
+              fault_hook: Optional[Callable[[int], None]] = None) -> dict:
+    """Run one configuration end to end and return its metrics (also logged to MLflow when enabled)."""
+    wall_start = time.perf_counter()
+    threads = cfg.train.num_threads or num_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)  # a 1-CPU Ray trial must not fight its neighbour for cores
+    device = pick_device(cfg.train.device)
+    arm = arm_of(cfg)
+    run = TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
+                   tags={record.ARM: arm, record.DEVICE: memory.device_name(device)})
+    metric_name = record.metric_key("val", cfg.task.metric)
+    try:
+        torch.manual_seed(cfg.train.seed)
+
+        # 1. data: the label set fixes the classifier head
+        splits = data.load_splits(cfg.task)
+        tokenizer = load_tokenizer(cfg)
+
+        # 2. base model, quantized or not
+        net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
+        net = quantization.prepare_for_training(net, cfg.quant)
+
+        # 3. method: adapters on resolved modules, or every weight for full fine-tuning
+        targets = resolve_target_modules(net, cfg.method.target_modules) if cfg.method.is_adapter else []
+        net = apply_method(net, cfg.method, targets, cfg.task.type)
+        if device == "cpu":
+            quantization.patch_cpu_layers(net)
+        trainable, total = parameter_counts(net)
+        run.log_params({"target_modules_resolved": summarize(targets) or "all", "n_target_modules": len(targets)})
+
+        # 4. tokenize
+        if cfg.task.type == "classification":
+            encoded = {k: data.tokenize_classification(v, tokenizer, cfg.task.max_length) for k, v in splits.items()}
+        else:
+            encoded = {k: data.tokenize_sft(v, tokenizer, cfg.task) for k, v in splits.items()}
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        train_loader = torch.utils.data.DataLoader(encoded["train"], batch_size=cfg.train.batch_size,
+                                                   shuffle=True, generator=generator,
+                                                   collate_fn=data.collate(tokenizer))
+
+        # 5. train, with validation passes the scheduler can act on
+        def on_eval(step: int, loss: float) -> None:
+            scores = _evaluate(net, cfg, encoded["validation"], tokenizer, device, "val")
+            run.log_metrics({**scores, record.TRAIN_LOSS: loss}, step=step)
+            if report:
+                report({**scores, record.TRAIN_LOSS: loss, record.STEP: step})
+
+        memory.reset_cuda_peak(device)
+        stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval, fault_hook=fault_hook)
+        train_peaks = memory.cuda_peaks(device)
+
+        # 6. evaluate: validation selects, test reports
+        memory.reset_cuda_peak(device)
+        eval_start = time.perf_counter()
+        scores = {**_evaluate(net, cfg, encoded["validation"], tokenizer, device, "val"),
+                  **_evaluate(net, cfg, encoded["test"], tokenizer, device, "test")}
+        eval_time = time.perf_counter() - eval_start
+        eval_peaks = memory.cuda_peaks(device)
+
+        # 7. save what would ship: the adapter (or the whole model for full FT), as safetensors
+        with tempfile.TemporaryDirectory() as tmp:
+            ship_dir = Path(tmp) / (record.ADAPTER_DIR if cfg.method.is_adapter else "model")
+            net.save_pretrained(ship_dir, safe_serialization=True)
+            dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
+            adapter_mb = _dir_mb(ship_dir)
+            if cfg.tracking.save_adapter:
+                run.log_artifacts(str(ship_dir), ship_dir.name)
+
+        # 8. measure and log
+        results = {
+            **scores, record.TRAIN_LOSS: stats["train_loss"], record.STEP: stats["steps"],
+            record.TRAIN_TIME_S: stats["train_time_s"], record.EVAL_TIME_S: eval_time,
+            record.TOKENS_PER_S: stats["tokens_per_s"], record.TRAINABLE_PARAMS: trainable,
+            record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
+            record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
+            **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks},
+            **{f"train_{k}": v for k, v in train_peaks.items()}, **{f"eval_{k}": v for k, v in eval_peaks.items()},
+            record.WALL_TIME_S: time.perf_counter() - wall_start,
+        }
+        run.log_metrics(results, step=stats["steps"])
+        run.finish("ok")
+        results.update({"status": "ok", "mlflow_run_id": run.run_id, "arm": arm})
+        if report:
+            report({**results, metric_name: scores[metric_name]})
+        return results
+    except loop.StopTrial as stop:
+        run.set_tags({record.PRUNED_AT_STEP: stop.step})
+        run.finish("pruned")
+        return {"status": "pruned", "mlflow_run_id": run.run_id, "arm": arm}
+    except torch.OutOfMemoryError as exc:
+        run.finish("oom", redact(f"{type(exc).__name__}: {exc}"))
+        raise
+    except BaseException as exc:
+        run.finish("failed", redact("".join(traceback.format_exception_only(type(exc), exc)).strip()))
+        raise
+    finally:
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def config_summary(cfg: TrialConfig) -> dict:
+    return trial_config_to_dict(cfg)

@@ -1,0 +1,70 @@
+"""Checks a trial can run, without loading weights or data into a model: used by `python -m trainers`,
+`peftsweep plan` and `peftsweep sweep` before anything starts."""
+from __future__ import annotations
+
+from trainers import data, quantization
+from trainers.config import ConfigError, TrialConfig
+from trainers.model import meta_model
+from trainers.modules import min_dim, resolve_target_modules
+from trainers.trial import pick_device
+
+
+_SOURCES: dict = {}
+_MODELS: dict = {}
+
+
+def _source_facts(task) -> tuple[tuple[str, ...], frozenset]:
+    """(columns, label values) of a data source, read once per process however many trials share it."""
+    key = (task.source.path, task.source.format, task.label_column)
+    if key not in _SOURCES:
+        frame = data.read_source(task)
+        labels = frozenset(frame[task.label_column].astype(str)) if task.label_column in frame else frozenset()
+        _SOURCES[key] = (tuple(map(str, frame.columns)), labels)
+    return _SOURCES[key]
+
+
+def _meta(cfg: TrialConfig):
+    key = (cfg.model.path, cfg.model.gguf_file, cfg.model.revision, cfg.task.type, len(cfg.task.labels))
+    if key not in _MODELS:
+        _MODELS[key] = meta_model(cfg, len(cfg.task.labels))
+    return _MODELS[key]
+
+
+def validate_trial(cfg: TrialConfig) -> list[str]:
+    """Every problem found, each one line; empty when the trial can start."""
+    problems: list[str] = []
+    device = pick_device(cfg.train.device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("train.device=cuda but no CUDA device is visible")
+    err = quantization.support_error(cfg.quant, device)
+    if err:
+        problems.append(err)
+    try:
+        task = cfg.task
+        columns, labels = _source_facts(task)
+        data.check_columns(task, columns)
+        missing = [lab for lab in task.labels if lab not in labels]
+        if missing:
+            problems.append(f"task {task.name}: label(s) {missing} never occur in column {task.label_column!r}")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        model = _meta(cfg)
+    except ConfigError as exc:
+        return problems + [str(exc)]
+    if cfg.method.is_adapter:
+        try:
+            targets = resolve_target_modules(model, cfg.method.target_modules)
+        except ConfigError as exc:
+            return problems + [str(exc)]
+        modules = dict(model.named_modules())
+        if cfg.method.name != "ia3":
+            smallest = min(min_dim(modules[n]) for n in targets)
+            if cfg.method.r > smallest:
+                problems.append(f"method.r={cfg.method.r} exceeds the smallest targeted layer dimension "
+                                f"({smallest}) of {cfg.model.name}")
+    return problems
+
