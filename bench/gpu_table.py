@@ -15,7 +15,7 @@ steps. Throughput does not depend on what the tokens are.
 """
 from __future__ import annotations
 
-import argparse, contextlib, gc, json, os, platform, re, statistics, subprocess, sys, tempfile, threading, time
+import argparse, contextlib, gc, json, os, platform, re, statistics, subprocess, sys, tempfile, threading, time, traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -135,72 +135,76 @@ def build_model(size: str, arm: str, device: str, ckpt_dir: Path):
 
 
 def run_arm(size: str, arm: str, args, info: dict, ckpt_dir: Path) -> dict:
-    cuda = args.device == "cuda"
+    """One arm, never raising: a failure is recorded in the arm's status and the table goes on."""
     rec: dict = {"arm": arm, "status": "ok", "targets": ARMS[arm][0], "lr": ARMS[arm][1]}
-    model = opt = None
     try:
-        model, cfg = build_model(size, arm, args.device, ckpt_dir)
-        frozen, trainable = matmul_param_counts(model)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rec.update(frozen_matmul_params=frozen, trainable_matmul_params=trainable, trainable_params=n_train,
-                   weight_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
-        fpt = transformer_flops_per_token(frozen, trainable, cfg.num_hidden_layers, args.seq, cfg.hidden_size,
-                                          full_finetune=ARMS[arm][0] is None)
-        rec["flops_per_token"] = fpt
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=ARMS[arm][1], fused=cuda)
-        ids = torch.randint(min(1000, cfg.vocab_size), (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(args.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        gc.collect()
-        if cuda:
-            torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-        model.train()
-        losses, times, grads_ok = [], [], True
-        with (contextlib.nullcontext() if cuda else RssSampler()) as rss:
-            for i in range(args.warmup + args.steps):
-                if i == args.warmup:  # an eval pass between steps, as trainers do; it once broke QLoRA grads
-                    model.eval()
-                    with torch.no_grad(), autocast:
-                        model(input_ids=ids[:1])
-                    model.train()
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with autocast:
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                grads_ok &= all(p.grad is not None for p in params)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-        tps = args.batch * args.seq / statistics.median(times)
-        peak = peak_flops_for_device(info["name"], "bf16" if cuda else "fp32")
-        rec.update(losses=[round(x, 4) for x in losses], step_times_s=[round(t, 4) for t in times],
-                   tokens_per_s=round(tps, 1), grads_present_all_steps=grads_ok,
-                   mfu=None if peak is None else round(mfu(tps, fpt, peak), 4))
-        if cuda:
-            rec.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
-                       nvml_process_gib_end=nvml_process_gib())
-        else:
-            rec["peak_rss_gib"] = round(rss.peak / GIB, 3)
+        _train_arm(size, arm, args, info, ckpt_dir, rec)
     except torch.OutOfMemoryError as e:
         rec.update(status="oom", error=str(e).splitlines()[0])
     except Exception as e:
-        if arm != "qlora_nf4" or cuda:
-            raise
-        rec.update(status=f"skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    finally:
-        del model, opt
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        traceback.print_exc()
+        # bitsandbytes' CPU 4-bit support is version-dependent, so on CPU that arm is optional.
+        verb = "skipped" if arm == "qlora_nf4" and args.device == "cpu" else "failed"
+        rec.update(status=f"{verb}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    # Only now, with _train_arm's frame gone, are the model, its grads and the optimizer state unreachable.
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return rec
+
+
+def _train_arm(size: str, arm: str, args, info: dict, ckpt_dir: Path, rec: dict) -> None:
+    cuda = args.device == "cuda"
+    model, cfg = build_model(size, arm, args.device, ckpt_dir)
+    frozen, trainable = matmul_param_counts(model)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rec.update(frozen_matmul_params=frozen, trainable_matmul_params=trainable, trainable_params=n_train,
+               weight_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+    fpt = transformer_flops_per_token(frozen, trainable, cfg.num_hidden_layers, args.seq, cfg.hidden_size,
+                                      full_finetune=ARMS[arm][0] is None)
+    rec["flops_per_token"] = fpt
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ARMS[arm][1], fused=cuda)
+    ids = torch.randint(min(1000, cfg.vocab_size), (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    model.train()
+    losses, times, grads_ok = [], [], True
+    with (contextlib.nullcontext() if cuda else RssSampler()) as rss:
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:  # trainers evaluate between steps, and on CPU bnb that silently killed LoRA grads
+                model.eval()
+                with torch.no_grad(), autocast:
+                    model(input_ids=ids[:1])
+                model.train()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads_ok &= all(p.grad is not None for p in params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    tps = args.batch * args.seq / statistics.median(times)
+    peak = peak_flops_for_device(info["name"], "bf16" if cuda else "fp32")
+    rec.update(losses=[round(x, 4) for x in losses], step_times_s=[round(t, 4) for t in times],
+               tokens_per_s=round(tps, 1), grads_present_all_steps=grads_ok,
+               mfu=None if peak is None else round(mfu(tps, fpt, peak), 4))
+    if cuda:
+        rec.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
+                   nvml_process_gib_end=nvml_process_gib())
+    else:
+        rec["peak_rss_gib"] = round(rss.peak / GIB, 3)
 
 
 def add_ratios(arms: list[dict], mem_key: str) -> None:
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     cuda = args.device == "cuda"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +18,7 @@ TRIAL_SECTIONS = ("model", "task", "method", "quant", "train", "tracking")
 
 
 def _baseline_default() -> dict:
-    return {"method": {"name": "full"}, "train": {"lr": 1e-4}}
+    return {"method": {"name": "full"}, "train": {"lr": 1e-4}, "quant": {"mode": "none"}}
 
 
 @dataclass
@@ -131,17 +132,19 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
 
 def _one_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
-    if "Could not find" in lines[0] or "Could not load" in lines[0]:
-        avail = [ln for ln in lines if ln.startswith("Available options")]
-        opts = [ln.lstrip("\t ") for ln in lines[lines.index(avail[0]) + 1:]] if avail else []
-        return lines[0] + (f" (available: {', '.join(opts)})" if opts else "")
-    if "not in struct" in text or "Could not override" in text or "Key '" in text:
-        key = next((ln for ln in lines if ln.startswith("Key ")), lines[0])
-        return f"{lines[0]} {key}" if key != lines[0] else key
+    if "Could not find" in lines[0]:  # unknown group option: list the ones that exist
+        opts = []
+        if any(ln.startswith("Available options") for ln in lines):
+            start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options")) + 1
+            opts = [ln for ln in lines[start:] if not ln.startswith(("Config search path", "provider="))]
+            opts = opts[: next((i for i, o in enumerate(opts) if ":" in o), len(opts))]
+        return lines[0].replace("In 'config': ", "") + (f" (available: {', '.join(opts)})" if opts else "")
+    m = re.match(r"Could not override '([^']+)'", lines[0])
+    if m and len(lines) > 1 and lines[1].startswith("To append"):
+        return f"unknown config key {m[1]!r} (check the spelling; to add a new key use +{lines[1].split('+', 1)[1]})"
     return lines[0]
 
 

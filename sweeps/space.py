@@ -168,8 +168,27 @@ def validate_configs(trials: list[dict]) -> list:
     return [trial_config_from_dict(t) for t in trials]
 
 
+def labelled_arms(search, base: dict) -> dict[str, dict]:
+    """{readable label: arm overrides}: Ray's progress table and trial names show the label."""
+    from trainers.record import arm_label
+
+    dims = flatten(search.space)
+    sampled = {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
+    out: dict[str, dict] = {}
+    for arm in arms(search, base):
+        t = resolve_trial(base, search, arm, search.seeds[0], sampled)
+        m = t["method"]
+        label = arm_label(m["name"], m["r"], m["alpha"], m["target_modules"], t["quant"]["mode"], t["train"]["lr"])
+        if sampled and arm.get("__arm__") != "baseline":
+            label = label.rsplit("-lr", 1)[0] + "-" + ",".join(sorted(k.split(".")[-1] for k in sampled)) + "~"
+        if label in out:  # arms differing only in keys the label omits (dropout, init, ...)
+            label += "|" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in arm.items() if k != "__arm__")
+        out[label] = arm
+    return out
+
+
 def param_space(search, searcher: str, base: dict) -> dict:
-    """Ray Tune param_space: `arm` (a grid over expanded arms), `seed`, and sampled keys by dotted name."""
+    """Ray Tune param_space: `arm` (a label; see labelled_arms), `seed`, and sampled keys by dotted name."""
     from ray import tune
 
     dims = flatten(search.space)
@@ -183,7 +202,7 @@ def param_space(search, searcher: str, base: dict) -> dict:
             space[d.key] = tune.loguniform(*d.args)
         elif d.kind == "randint":
             space[d.key] = tune.randint(*d.args)
-    all_arms = arms(search, base)
+    all_arms = list(labelled_arms(search, base))
     if searcher == "optuna":
         # Optuna models categorical choices, not grids: arms and seeds become choices it samples.
         space["arm"] = tune.choice(all_arms)

@@ -5,10 +5,10 @@ from trainers.config import trial_config_from_dict
 
 
 def trial_dict_for(params: dict, base: dict, search) -> dict:
-    from sweeps.space import resolve_trial
+    from sweeps.space import labelled_arms, resolve_trial
 
     sampled = {k: v for k, v in params.items() if k not in ("arm", "seed")}
-    return resolve_trial(base, search, params["arm"], params["seed"], sampled)
+    return resolve_trial(base, search, labelled_arms(search, base)[params["arm"]], params["seed"], sampled)
 
 
 def ray_trial(params: dict, base: dict, search, cpus: float) -> None:

@@ -6,6 +6,7 @@ schema from a YAML file, so a trial never depends on the sweep layer.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -131,8 +132,12 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_threads: Optional[int] = None  # torch threads; None = the CPUs granted to the trial
     device: str = "auto"  # auto | cpu | cuda
+    # Fault drills and tests: "raise@<step>" raises RuntimeError, "oom@<step>" torch's OutOfMemoryError.
+    inject_fault: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.inject_fault is not None and not re.fullmatch(r"(raise|oom)@\d+", str(self.inject_fault)):
+            raise ConfigError(f"train.inject_fault={self.inject_fault!r} is not raise@<step> or oom@<step>")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("batch_size", "grad_accum", "eval_batch_size"):

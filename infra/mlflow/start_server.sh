@@ -87,9 +87,9 @@ case "$HOST" in
 esac
 
 MLFLOW_PATH="$(command -v -- "$MLFLOW_BIN")" || die "'$MLFLOW_BIN' not found; activate the venv with mlflow or set PEFTSWEEP_MLFLOW_BIN"
-# Catch a missing database driver or auth dependency here rather than in a worker traceback. Note that SQLAlchemy 2.1
-# maps plain postgresql:// to psycopg (v3); postgresql+psycopg2:// selects psycopg2. URIs travel
-# through the environment, not argv.
+# Catch a missing database driver or auth dependency here rather than in a worker traceback.
+# SQLAlchemy 2.1 maps plain postgresql:// to psycopg (v3); postgresql+psycopg2:// selects psycopg2.
+# The URIs reach this check through the environment, not argv.
 PY="$(dirname -- "$MLFLOW_PATH")/python"
 if [[ -x "$PY" ]]; then
     driver_err="$("$PY" - 2>&1 <<'EOF'

@@ -1,0 +1,123 @@
+"""One trial without Ray: what it trains, what it records, and that failure is recorded, not lost."""
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from trainers import record
+from trainers.config import trial_config_from_dict, trial_config_to_dict, TrialConfig
+from trainers.trial import run_trial
+
+
+def _cfg(tiny_bert, store, **method):
+    data = trial_config_to_dict(TrialConfig())
+    data["model"].update(path=tiny_bert, name="tiny-bert")
+    data["task"].update(train_size=48, validation_size=32, test_size=48)
+    data["train"].update(batch_size=8, max_steps=4)
+    data["tracking"].update(uri=store["uri"], artifact_location=store["artifacts"])
+    data["method"].update(method)
+    return trial_config_from_dict(data)
+
+
+def _peft_count(tiny_bert, targets, r):
+    """peft's own count for the intended config, built without our code."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=2 * r,
+                                                  target_modules=targets))
+    return peft_model.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("preset,targets", [("attention_qv", ["query", "value"]),
+                                            ("all_linear", ["query", "key", "value", "dense"])])
+def test_trial_records_everything_and_counts_like_peft(tiny_bert, store, preset, targets):
+    cfg = _cfg(tiny_bert, store, r=4, alpha=8, target_modules=preset)
+    out = run_trial(cfg)
+    assert out["status"] == "ok"
+    assert out[record.TRAINABLE_PARAMS] == _peft_count(tiny_bert, targets, 4)
+    # closed form: r·(in+out) per adapted 32×32 / 32×64 layer + the 2-class head (32·2 + 2)
+    run = MlflowClient(store["uri"]).get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags[record.STATUS] == "ok"
+    for name in ("model", "task", "method", "r", "alpha", "dropout", "target_modules", "target_modules_resolved",
+                 "quantization", "lr", "batch_size", "grad_accum", "max_steps", "seed"):
+        assert name in run.data.params, name
+    for name in (record.PEAK_HOST_RSS_GB, record.WALL_TIME_S, record.TRAIN_TIME_S, record.EVAL_TIME_S,
+                 record.TOKENS_PER_S, record.TRAINABLE_PARAMS, record.TOTAL_PARAMS, record.TRAINABLE_PCT,
+                 record.ADAPTER_MB, "test_accuracy", "val_accuracy", "test_macro_f1", record.TRAIN_LOSS):
+        assert name in run.data.metrics, name
+    assert record.PEAK_VRAM_RESERVED_GB not in run.data.metrics  # CPU: absent, not zero
+    for tag in (record.DEVICE, record.GIT_COMMIT, record.VERSION_TAG_PREFIX + "peft", record.ARM):
+        assert run.data.tags.get(tag), tag
+    files = {f.path for f in MlflowClient(store["uri"]).list_artifacts(run.info.run_id, record.ADAPTER_DIR)}
+    assert {f"{record.ADAPTER_DIR}/adapter_model.safetensors", f"{record.ADAPTER_DIR}/adapter_config.json",
+            f"{record.ADAPTER_DIR}/{record.TRIAL_CONFIG_FILE}"} <= files
+    assert not any(f.endswith(".bin") for f in files)
+    resolved = run.data.params["target_modules_resolved"]
+    assert all(t in resolved for t in targets)
+
+
+def test_trial_trains_only_the_adapter(tiny_bert, store):
+    """The frozen base must not move; the adapter must."""
+    from trainers import data, loop
+    from trainers.methods import apply_method
+    from trainers.model import load_model, load_tokenizer
+    from trainers.modules import resolve_target_modules
+
+    cfg = _cfg(tiny_bert, store)
+    tok = load_tokenizer(cfg)
+    net = load_model(cfg, 2, tok, "cpu")
+    net = apply_method(net, cfg.method, resolve_target_modules(net, "attention_qv"), "classification")
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    ds = data.tokenize_classification(data.load_splits(cfg.task)["train"], tok, 32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=data.collate(tok))
+    loop.train(net, loader, cfg.train, "cpu")
+    moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(("lora_" in n) or ("classifier" in n) for n in moved), moved
+
+
+def test_a_crashing_trial_is_recorded_failed_with_its_error(tiny_bert, store):
+    cfg = _cfg(tiny_bert, store)
+    cfg.train.inject_fault = "raise@2"
+    with pytest.raises(RuntimeError, match="injected fault at step 2"):
+        run_trial(cfg)
+    c = MlflowClient(store["uri"])
+    (run,) = c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[record.STATUS] == "failed"
+    assert "injected fault at step 2" in run.data.tags[record.ERROR]
+
+
+def test_an_oom_is_recorded_oom(tiny_bert, store):
+    cfg = _cfg(tiny_bert, store)
+    cfg.train.inject_fault = "oom@1"
+    with pytest.raises(torch.OutOfMemoryError):
+        run_trial(cfg)
+    c = MlflowClient(store["uri"])
+    (run,) = c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
+    assert run.data.tags[record.STATUS] == "oom" and run.info.status == "FAILED"
+
+
+def test_secrets_never_reach_mlflow(tiny_bert, store, monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_PASSWORD", "s3cr3t-value-42")
+    cfg = _cfg(tiny_bert, store)
+    # secrets pasted where they get logged: a param, and the error text of a failing trial
+    cfg.model.name = "tiny-hf_abcdefghijklmnopqrstuvwxyz012345"
+    cfg.train.inject_fault = "raise@0"
+    import trainers.trial as trial_mod
+
+    monkeypatch.setattr(trial_mod, "fault_hook_for", lambda spec: _raise_with("s3cr3t-value-42"))
+    with pytest.raises(RuntimeError):
+        run_trial(cfg)
+    c = MlflowClient(store["uri"])
+    (run,) = c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
+    everything = str(run.data.params) + str(run.data.tags)
+    assert run.data.tags[record.STATUS] == "failed" and "***" in run.data.tags[record.ERROR]
+    assert "hf_abcdefghijklmnopqrstuvwxyz012345" not in everything
+    assert "s3cr3t-value-42" not in everything
+
+
+def _raise_with(secret):
+    def hook(step):
+        raise RuntimeError(f"could not reach service with password {secret}")
+    return hook
