@@ -45,6 +45,13 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0) 
     return Winner(run=run.to_dict(), arm=arm.to_dict(), reason=reason)
 
 
+def _tag(value) -> str:
+    """Registry tags as people write them: r=8, not r=8.0."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _download(uri: str, tracking_uri: str) -> str:
     import mlflow
 
@@ -76,7 +83,8 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
         raise PromotionRefused(f"winner {winner.arm['arm']} is {-delta:.2f} pts below full FT "
                                f"(max_delta {promote_cfg.max_delta}); alias {promote_cfg.alias!r} unchanged")
     run = winner.run
-    name, alias = promote_cfg.registered_model, promote_cfg.alias
+    name = promote_cfg.registered_model or f"{parent.data.params.get('task')}-{parent.data.params.get('model')}"
+    alias = promote_cfg.alias
     from mlflow.exceptions import MlflowException
 
     try:
@@ -92,7 +100,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
             f"test_{metric}": run[record.metric_key("test", metric)],
             f"delta_vs_full_ft_pts": delta, "selection": winner.reason}
     version = client.create_model_version(name, source=source, run_id=run["run_id"],
-                                          tags={k: str(v) for k, v in tags.items()},
+                                          tags={k: _tag(v) for k, v in tags.items()},
                                           description=f"{run['arm']} seed {run['seed']} from sweep {sweep}")
     logged = run[record.metric_key("test", metric)]
     reproduced = reload_check(f"models:/{name}/{version.version}", tracking_uri, logged, metric,

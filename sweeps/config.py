@@ -83,7 +83,7 @@ class ClusterConfig:
 
 @dataclass
 class PromoteConfig:
-    registered_model: str = "peftsweep-champion"
+    registered_model: Optional[str] = None  # None: "<task>-<model>" read from the sweep's parent run
     alias: str = "champion"
     rule: str = "best"  # best | cheapest_within
     max_delta: Optional[float] = None  # points below full FT beyond which promotion is refused

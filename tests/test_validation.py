@@ -9,7 +9,7 @@ from tests.conftest import BIN
 CASES = [
     (["model.path=/nonexistent/model"], "model.path '/nonexistent/model': no such file or directory"),
     (["model.path=no-such-org/no-such-model-xyz"], "cannot load model 'no-such-org/no-such-model-xyz'"),
-    (["method.target_modules=[query,nonexistent_proj]"], "target module 'nonexistent_proj' is not a linear layer"),
+    (["search=tiny", "method.target_modules=[query,nonexistent_proj]"], "target module 'nonexistent_proj' is not a linear layer"),
     (["method.r=0"], "method.r must be a positive integer, got 0"),
     (["method.r=-4"], "method.r must be a positive integer, got -4"),
     (["search.space.method.r=[4,0]"], "method.r must be a positive integer, got 0"),
@@ -29,7 +29,9 @@ CASES = [
 
 @pytest.mark.parametrize("overrides,message", CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_bad_input_is_refused_before_ray(overrides, message, store, capsys):
-    code = main(["sweep", f"tracking.uri={store['uri']}", *overrides])
+    # tiny sizes so that a case wrongly accepted fails its asserts in seconds, not after a full sweep
+    code = main(["sweep", f"tracking.uri={store['uri']}", "train.max_steps=1", "task.train_size=16",
+                 "task.validation_size=16", "task.test_size=16", *overrides])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
@@ -39,7 +41,7 @@ def test_bad_input_is_refused_before_ray(overrides, message, store, capsys):
 
 
 def test_every_problem_is_listed_not_just_the_first(store, capsys):
-    code = main(["plan", "task.text_column=review", "method.target_modules=[nonexistent_proj]"])
+    code = main(["plan", "search=tiny", "task.text_column=review", "method.target_modules=[nonexistent_proj]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 2, err
 

@@ -66,6 +66,9 @@ def load_tokenizer(cfg: TrialConfig):
 
 def load_model(cfg: TrialConfig, num_labels: int, tokenizer, device: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     source, extra = model_dir(cfg)
     kwargs = {**_common_kwargs(cfg), **extra}

@@ -1,0 +1,88 @@
+"""The real CLI end to end: Ray Tune schedules the trials, MLflow (sqlite) records them, the report
+compares them with the full-FT arm, promotion registers and reloads the winner."""
+import json
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeps.cli import main
+from tests.conftest import BIN, tiny_overrides
+from trainers import record
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep(store, overrides, timeout=600):
+    proc = subprocess.run([str(BIN / "peftsweep"), "sweep", *overrides], capture_output=True, text=True,
+                          cwd=store["dir"], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _runs(store):
+    c = MlflowClient(store["uri"])
+    exp = c.get_experiment_by_name("peftsweep")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(record.ROLE) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(record.ROLE) == "trial"]
+    return c, parents, children
+
+
+def test_sweep_report_promote(tiny_bert, store, capsys):
+    _sweep(store, ["search=tiny", "train.max_steps=3", *tiny_overrides(tiny_bert, store)])
+    c, parents, children = _runs(store)
+
+    # one parent, one child per arm, all finished and nested under the parent
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["n_trials"] == "3"
+    assert {r.data.tags[record.PARENT_RUN_ID] for r in children} == {parent.info.run_id}
+    assert {r.data.params["method"] for r in children} == {"full", "lora"}
+    assert sorted(r.data.params.get("r") for r in children if r.data.params["method"] == "lora") == ["4", "8"]
+    for r in children:
+        assert r.info.status == "FINISHED" and r.data.tags[record.STATUS] == "ok"
+        assert r.data.params["sweep_id"] == parent.data.tags[record.SWEEP_ID]
+        for m in ("test_accuracy", "val_accuracy", record.PEAK_HOST_RSS_GB, record.TRAIN_TIME_S,
+                  record.TRAINABLE_PARAMS, record.ADAPTER_MB, record.WALL_TIME_S, record.TOKENS_PER_S):
+            assert m in r.data.metrics, m
+        # trials get the CPUs Ray granted them (1 each), not the whole machine
+        assert r.data.metrics[record.TRAIN_TIME_S] > 0
+
+    # report: every arm vs full FT, files written and logged to the parent
+    assert main(["report", f"tracking.uri={store['uri']}"]) == 0
+    report_md = capsys.readouterr().out
+    assert "full-lr0.0001" in report_md and "lora-r4-a8" in report_md and "lora-r8-a16" in report_md
+    logged = {f.path for f in c.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/pareto.png", "report/report.json"} <= logged
+    data = json.loads((next(store["dir"].glob("reports/*/report.json"))).read_text())
+    full = next(a for a in data["arms"] if a["method"] == "full")
+    assert full["test_delta_pts"] == 0 and full["peak_mem_gb_ratio"] == pytest.approx(1.0)
+    for arm in data["arms"]:
+        run = next(t for t in data["trials"] if t["arm"] == arm["arm"])
+        assert arm["test_mean"] == pytest.approx(100 * run["test_accuracy"])
+
+    # promote: a registered version with alias champion that reloads to the logged metric
+    assert main(["promote", f"tracking.uri={store['uri']}"]) == 0
+    out = capsys.readouterr().out
+    assert "alias @champion" in out
+    version = c.get_model_version_by_alias("rotten_tomatoes-tiny-bert", "champion")
+    winner = c.get_run(version.run_id)
+    assert winner.data.params["method"] == "lora"
+    assert version.tags["method"] == "lora" and version.tags["r"] == winner.data.params["r"]
+    assert float(version.tags["test_accuracy"]) == pytest.approx(winner.data.metrics["test_accuracy"])
+    reproduced = float(version.tags["reload_check"].split("=")[1])
+    assert abs(reproduced - winner.data.metrics["test_accuracy"]) * 100 <= 0.5
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store):
+    _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
+                   "+search.space.train.inject_fault=[null,raise@1]", "train.max_steps=3",
+                   *tiny_overrides(tiny_bert, store)])
+    _, parents, children = _runs(store)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_status = {r.data.tags[record.STATUS]: r for r in children}
+    assert set(by_status) == {"ok", "failed"} and len(children) == 2
+    failed = by_status["failed"]
+    assert failed.info.status == "FAILED" and "injected fault at step 1" in failed.data.tags[record.ERROR]
+    assert all(r.info.status != "RUNNING" for r in children + parents)
