@@ -109,6 +109,26 @@ def close_orphans(cfg: SweepConfig, parent_run_id: str, exp_id: str, reason: str
     return len(orphans)
 
 
+def _prune_recorder(cfg: SweepConfig):
+    """Tune callback: a trial the scheduler stopped before it could record `pruned` itself (its actor was
+    ended between reports) is tagged pruned, at the last step it reported."""
+    from ray.tune import Callback
+
+    class PruneRecorder(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            run_id = last.get("mlflow_run_id")
+            if not run_id or last.get("status") == "ok":
+                return
+            c = client(cfg.trial.tracking)
+            if c.get_run(run_id).info.status == "RUNNING":
+                c.set_tag(run_id, record.STATUS, "pruned")
+                c.set_tag(run_id, record.PRUNED_AT_STEP, str(last.get(record.STEP, "")))
+                c.set_terminated(run_id, "FINISHED")
+
+    return PruneRecorder()
+
+
 def run_sweep(cfg: SweepConfig) -> dict:
     """Launch the sweep; returns {sweep_id, parent_run_id, experiment_id, results}."""
     from ray import tune
@@ -136,7 +156,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 max_concurrent_trials=cfg.cluster.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=_storage(cfg.cluster.storage_path),
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=1))
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=1,
+                callbacks=[_prune_recorder(cfg)]))
         grid = tuner.fit()
         errors = sum(1 for r in grid if r.error)
         outcome = "FINISHED"

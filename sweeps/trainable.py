@@ -16,6 +16,18 @@ def ray_trial(params: dict, base: dict, search, cpus: float) -> None:
 
     from trainers.trial import run_trial
 
+    from trainers.loop import StopTrial
+
     cfg = trial_config_from_dict(trial_dict_for(params, base, search))
-    # Tune only stops a trial between reports; the trainer reports at each eval and at the end.
-    run_trial(cfg, report=tune.report, num_threads=max(1, int(cpus)))
+
+    def report(metrics: dict) -> None:
+        # A scheduler (ASHA) stops a trial by exiting its thread inside tune.report; turn that into a
+        # StopTrial so the trainer records `pruned` at this step before the thread ends.
+        try:
+            tune.report(metrics)
+        except SystemExit:
+            raise StopTrial(int(metrics.get("step", -1))) from None
+
+    result = run_trial(cfg, report=report, num_threads=max(1, int(cpus)))
+    if result["status"] == "pruned":
+        raise SystemExit(0)  # what Ray's own stop does: end the trial thread quietly

@@ -86,3 +86,21 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store):
     failed = by_status["failed"]
     assert failed.info.status == "FAILED" and "injected fault at step 1" in failed.data.tags[record.ERROR]
     assert all(r.info.status != "RUNNING" for r in children + parents)
+
+
+def test_asha_prunes_trailing_trials(tiny_bert, store):
+    """ASHA stops trials at rungs; each stopped trial's run says `pruned` and at which step."""
+    _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[2,4,8]",
+                   "+search.space.train.lr=[1e-4,3e-2]", "scheduler=asha", "scheduler.max_t=6",
+                   "scheduler.grace_period=1", "scheduler.reduction_factor=2", "search.metric=val_loss",
+                   "search.mode=min", "train.eval_every_steps=1", "train.max_steps=6",
+                   *tiny_overrides(tiny_bert, store)])
+    _, parents, children = _runs(store)
+    assert len(children) == 6
+    statuses = [r.data.tags[record.STATUS] for r in children]
+    assert "pruned" in statuses and "ok" in statuses, statuses
+    assert set(statuses) <= {"ok", "pruned"}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        if r.data.tags[record.STATUS] == "pruned":
+            assert 1 <= int(r.data.tags[record.PRUNED_AT_STEP]) < 6

@@ -43,6 +43,7 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
 
     model.train()
     step, tokens, losses, window = 0, 0, [], []
+    check_grads = True  # at the first step and after every evaluation pass
     started = time.perf_counter()
     while step < steps:
         for micro, batch in enumerate(loader):
@@ -56,6 +57,9 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             window.append(loss.item() * train_cfg.grad_accum)
             if (micro + 1) % train_cfg.grad_accum:
                 continue
+            if check_grads:
+                _assert_gradients(model)
+                check_grads = False
             torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
             optimizer.step()
             schedule.step()
@@ -65,6 +69,7 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             if on_eval and train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0 and step < steps:
                 on_eval(step, sum(window) / len(window))
                 model.train()
+                check_grads = True
             window = []
             if step >= steps:
                 break
@@ -73,16 +78,28 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
 
 
+def _assert_gradients(model) -> None:
+    """A trainable weight without a gradient after backward trains nothing, silently (bitsandbytes 4-bit
+    on CPU after an eval pass did exactly that): fail loudly instead."""
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable parameters got no gradient (first: {missing[0]}); "
+                           "training would silently do nothing")
+
+
 @torch.no_grad()
-def predict_classification(model, loader, device: str) -> tuple[list[int], list[int]]:
+def predict_classification(model, loader, device: str) -> tuple[list[int], list[int], float]:
+    """Predicted and true class indices, and the mean cross-entropy (a continuous signal for schedulers:
+    accuracy on a small validation set ties often)."""
     model.eval()
-    preds, refs = [], []
+    preds, refs, loss_sum = [], [], 0.0
     for batch in loader:
         labels = batch.pop("labels")
-        logits = model(**_to(batch, device)).logits
+        logits = model(**_to(batch, device)).logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
         preds += logits.argmax(-1).tolist()
         refs += labels.tolist()
-    return preds, refs
+    return preds, refs, loss_sum / max(1, len(refs))
 
 
 @torch.no_grad()

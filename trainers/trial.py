@@ -78,8 +78,8 @@ def _evaluate(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str)
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         loader = torch.utils.data.DataLoader(split.select(order), batch_size=cfg.train.eval_batch_size,
                                              collate_fn=data.collate(tokenizer))
-        preds, refs = loop.predict_classification(net, loader, device)
-        scores = classification_metrics(preds, refs, len(cfg.task.labels))
+        preds, refs, loss = loop.predict_classification(net, loader, device)
+        scores = {**classification_metrics(preds, refs, len(cfg.task.labels)), "loss": loss}
     else:
         preds, refs, loss = loop.predict_by_likelihood(net, list(split), tokenizer, list(cfg.task.labels),
                                                        device, cfg.train.eval_batch_size)
@@ -137,7 +137,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             scores = _evaluate(net, cfg, encoded["validation"], tokenizer, device, "val")
             run.log_metrics({**scores, record.TRAIN_LOSS: loss}, step=step)
             if report:
-                report({**scores, record.TRAIN_LOSS: loss, record.STEP: step})
+                report({**scores, record.TRAIN_LOSS: loss, record.STEP: step, "mlflow_run_id": run.run_id})
 
         memory.reset_cuda_peak(device)
         stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval,
@@ -176,7 +176,10 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         run.finish("ok")
         results.update({"status": "ok", "mlflow_run_id": run.run_id, "arm": arm})
         if report:
-            report({**results, metric_name: scores[metric_name]})
+            try:
+                report({**results, metric_name: scores[metric_name]})
+            except loop.StopTrial:
+                pass  # a stop at the final report (ASHA at max_t) comes after the trial finished: still ok
         return results
     except loop.StopTrial as stop:
         run.set_tags({record.PRUNED_AT_STEP: stop.step})
