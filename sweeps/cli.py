@@ -40,14 +40,19 @@ def _summary(cfg, sweep_id: str) -> str:
 
 def cmd_plan(args) -> int:
     from sweeps.runner import plan_trials
+    from trainers.estimate import predict_trial
     from trainers.trial import arm_of
 
     cfg = _load(args.overrides)
     trials = plan_trials(cfg)
     print(f"{len(trials)} trials, all valid (metric {cfg.metric}, searcher {cfg.searcher.name}, "
-          f"scheduler {cfg.scheduler.name}):")
+          f"scheduler {cfg.scheduler.name}); memory is host RSS on CPU, allocated VRAM on CUDA:")
+    print(f"{'#':>3}  {'arm':44s} {'seed':>4} {'modules':>7} {'trainable':>12} {'trainable %':>11} "
+          f"{'pred. peak GB':>13}  device")
     for i, t in enumerate(trials):
-        print(f"  {i:3d}  {arm_of(t):45s} seed={t.train.seed}  quant={t.quant.mode}")
+        row = predict_trial(t)
+        print(f"{i:3d}  {arm_of(t):44s} {t.train.seed:4d} {row['targets'] or 'all':>7} {row['trainable']:12,d} "
+              f"{100 * row['trainable'] / row['total']:11.3f} {row['predicted_gb']:13.2f}  {row['device']}")
     return 0
 
 

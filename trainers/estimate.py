@@ -53,3 +53,25 @@ def shape_of(config) -> tuple[int, int, int]:
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     return int(hidden), int(layers), int(heads)
+
+
+def predict_trial(cfg) -> dict:
+    """Plan row for one trial: resolved modules, trainable/total params as peft counts them (on a meta-device
+    copy: no weights), and the predicted peak memory on the device it would run on."""
+    import copy
+
+    from trainers.methods import apply_method, parameter_counts
+    from trainers.modules import resolve_target_modules
+    from trainers.trial import pick_device
+    from trainers.validate import _meta
+
+    device = pick_device(cfg.train.device)
+    model = copy.deepcopy(_meta(cfg))
+    targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
+    model = apply_method(model, cfg.method, targets, cfg.task.type)
+    trainable, total = parameter_counts(model)
+    hidden, layers, heads = shape_of(model.config if hasattr(model, "config") else model.base_model.config)
+    est = estimate(trainable, total, hidden, layers, heads, cfg.train.batch_size, cfg.task.max_length,
+                   cfg.quant.mode, cfg.method.is_adapter, device)
+    return {"targets": len(targets), "trainable": trainable, "total": total, "predicted_gb": est.total_gb,
+            "estimate": est, "device": device}

@@ -53,11 +53,7 @@ def _role(name: str) -> str | None:
     return None
 
 
-_PRESET_ROLES = {
-    "attention_qv": ({"q", "v"}, {"qkv"}),  # (roles, fallback roles when the family fuses q,k,v)
-    "attention": ({"q", "k", "v", "o"}, {"qkv", "o"}),
-    "mlp": ({"mlp"}, {"mlp"}),
-}
+_PRESET_ROLES = {"attention_qv": {"q", "v"}, "attention": {"q", "k", "v", "o"}, "mlp": {"mlp"}}
 
 
 def resolve_target_modules(model: nn.Module, spec) -> list[str]:
@@ -67,8 +63,10 @@ def resolve_target_modules(model: nn.Module, spec) -> list[str]:
         if spec == "all_linear":
             names = list(linears)
         else:
-            roles, fused = _PRESET_ROLES[spec]
-            names = [n for n in linears if _role(n) in roles] or [n for n in linears if _role(n) in fused]
+            roles = _PRESET_ROLES[spec]
+            if roles & {"q", "k", "v"} and not any(_role(n) in ("q", "k", "v") for n in linears):
+                roles = (roles - {"q", "k", "v"}) | {"qkv"}  # GPT-2 style: q,k,v fused in one layer
+            names = [n for n in linears if _role(n) in roles]
         if not names:
             raise ConfigError(f"target-module preset {spec!r} matches no layer of this model "
                               f"(its linear layers: {', '.join(module_kinds(linears))})")

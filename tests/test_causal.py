@@ -1,0 +1,89 @@
+"""Causal-LM supervised fine-tuning: loss only on the answer, label-likelihood accuracy and perplexity,
+target-module presets resolved for Llama-, Gemma- and GPT-2-style families."""
+import pytest
+import torch
+
+from sweeps.config import load
+from tests.test_trial import _cfg
+from trainers import data, record
+from trainers.modules import resolve_target_modules
+from trainers.trial import run_trial
+
+
+def _sft_cfg(tiny_llama, store, **method):
+    cfg = _cfg(tiny_llama, store, **method)
+    base = load(["task=rotten_tomatoes_sft"]).trial.task
+    base.train_size, base.validation_size, base.test_size = 48, 32, 48
+    cfg.task = base
+    cfg.model.name = "tiny-llama"
+    return cfg
+
+
+def test_prompt_tokens_carry_no_loss(tiny_llama, store):
+    from transformers import AutoTokenizer
+
+    cfg = _sft_cfg(tiny_llama, store)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    frame = data.load_splits(cfg.task)["train"].head(4)
+    ds = data.tokenize_sft(frame, tok, cfg.task)
+    for row, label in zip(ds, frame["label"]):
+        n = row["prompt_len"]
+        assert all(x == -100 for x in row["labels"][:n])
+        answer = tok.decode(row["labels"][n:], skip_special_tokens=True).strip()
+        assert answer == cfg.task.labels[label]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_sft_trial_trains_and_scores_by_likelihood(tiny_llama, store, method):
+    targets = "attention_qv" if method == "lora" else ["k_proj", "v_proj", "down_proj"]
+    out = run_trial(_sft_cfg(tiny_llama, store, name=method, r=4, alpha=8, target_modules=targets))
+    assert out["status"] == "ok"
+    for key in ("test_accuracy", "test_macro_f1", "test_loss", "test_perplexity", "val_loss"):
+        assert key in out, key
+    assert out["test_perplexity"] == pytest.approx(float(torch.exp(torch.tensor(out["test_loss"]))), rel=1e-4)
+    assert 0.0 <= out["test_accuracy"] <= 1.0
+
+
+def _tiny(family):
+    import transformers as tf
+
+    configs = {
+        "llama": tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                vocab_size=64),
+        "gemma": tf.GemmaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=8, vocab_size=64),
+        "gpt2": tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64),
+        "bert": tf.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              vocab_size=64),
+    }
+    cls = tf.BertForSequenceClassification if family == "bert" else tf.AutoModelForCausalLM
+    with torch.device("meta"):
+        return cls.from_config(configs[family]) if family != "bert" else cls(configs[family])
+
+
+KINDS = {
+    ("llama", "attention_qv"): {"q_proj", "v_proj"},
+    ("llama", "attention"): {"q_proj", "k_proj", "v_proj", "o_proj"},
+    ("llama", "mlp"): {"gate_proj", "up_proj", "down_proj"},
+    ("llama", "all_linear"): {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    ("gemma", "attention_qv"): {"q_proj", "v_proj"},
+    ("gemma", "mlp"): {"gate_proj", "up_proj", "down_proj"},
+    ("gpt2", "attention_qv"): {"c_attn"},  # fused q,k,v: the preset falls back to the fused layer
+    ("gpt2", "attention"): {"c_attn", "attn.c_proj"},
+    ("gpt2", "mlp"): {"c_fc", "mlp.c_proj"},
+    ("bert", "attention"): {"query", "key", "value", "attention.output.dense"},
+    ("bert", "mlp"): {"intermediate.dense", "layer.*.output.dense"},
+}
+
+
+@pytest.mark.parametrize("family,preset", list(KINDS), ids=[f"{f}-{p}" for f, p in KINDS])
+def test_presets_resolve_to_the_family_names(family, preset):
+    names = resolve_target_modules(_tiny(family), preset)
+    kinds = set()
+    for n in names:
+        for k in KINDS[(family, preset)]:
+            if n.endswith(k.split("*.")[-1]) and (("*" not in k) or ".attention." not in n):
+                kinds.add(k)
+    assert kinds == KINDS[(family, preset)], names
+    assert not any(n.split(".")[-1] in ("lm_head", "classifier", "score") for n in names)
+    assert len(names) == 2 * len(KINDS[(family, preset)])  # two layers
