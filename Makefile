@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.peftsweep-installed
 
-.PHONY: install demo test test-all bench ui clean
+.PHONY: install demo test test-all bench bench-memory ui clean
 
 install: $(STAMP)
 
@@ -35,8 +35,16 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
+# Benchmarks print ratios measured side by side in one run (minutes each on 2 cores).
 bench: install
 	$(PY) bench/overhead.py
+	$(PY) bench/asha_vs_fifo.py
+	$(PY) bench/gpu_table.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
+	  --sizes $$($(PY) -c "import torch; print('135m,1b' if torch.cuda.is_available() else 'tiny')")
+
+# Predicted vs measured peak memory of the newest sweep in ./mlflow.db (run after `make demo`).
+bench-memory: install
+	$(PY) bench/memory_estimate.py
 
 ui: install
 	$(VENV)/bin/peftsweep ui

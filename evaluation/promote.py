@@ -98,7 +98,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
             "target_modules_resolved": run["target_modules_resolved"], "quantization": run["quantization"],
             "lr": run["lr"], "seed": run["seed"], "sweep_id": sweep, "arm": run["arm"],
             f"test_{metric}": run[record.metric_key("test", metric)],
-            f"delta_vs_full_ft_pts": delta, "selection": winner.reason}
+            "delta_vs_full_ft_pts": round(float(delta), 2), "selection": winner.reason}
     version = client.create_model_version(name, source=source, run_id=run["run_id"],
                                           tags={k: _tag(v) for k, v in tags.items()},
                                           description=f"{run['arm']} seed {run['seed']} from sweep {sweep}")

@@ -60,7 +60,8 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
             row[f"{name}_ci95"] = 100 * ci95(vals)
         for col, name in ((mem, "peak_mem_gb"), (record.TRAIN_TIME_S, "train_time_s"),
                           (record.TRAINABLE_PCT, "trainable_pct"), (record.TRAINABLE_PARAMS, "trainable_params"),
-                          (record.ADAPTER_MB, "adapter_mb"), (record.TOKENS_PER_S, "tokens_per_s")):
+                          (record.ADAPTER_MB, "adapter_mb"), (record.TOKENS_PER_S, "tokens_per_s"),
+                          (record.WALL_TIME_S, "wall_time_s")):
             row[name] = good[col].mean() if col in good and len(good) else float("nan")
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -72,6 +73,8 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
         table[f"{name}_delta_pts"] = table[f"{name}_mean"] - (base[f"{name}_mean"] if base is not None else float("nan"))
     for name in ("peak_mem_gb", "train_time_s"):
         table[f"{name}_ratio"] = table[name] / base[name] if base is not None else float("nan")
+    # One trial holds one device (GPU, or CPU slot) for its wall time: the basis of device-hours and cost.
+    table["device_hours"] = table["wall_time_s"] * table["runs_ok"] / 3600
     table["pareto"] = pareto_mask(table["test_mean"].tolist(), table["peak_mem_gb"].tolist())
     table.attrs["memory_metric"] = mem
     table["is_full"] = table["method"] == "full"  # the baseline heads the table
@@ -103,18 +106,21 @@ def _fmt(x, digits=2) -> str:
     return f"{x:.{digits}f}"
 
 
-def markdown(table: pd.DataFrame, metric: str, sweep_id: str) -> str:
+def markdown(table: pd.DataFrame, metric: str, sweep_id: str, price_per_hour: float = 0.0) -> str:
     mem = table.attrs.get("memory_metric", "peak memory")
     head = (f"| arm | runs ok | test {metric} % (±95% CI) | Δ vs full FT (pts) | val {metric} % | "
-            f"{mem} | × full | train s | × full | trainable % | trainable params | adapter MB | Pareto |")
-    lines = [f"## peftsweep report — {sweep_id}", "", head, "|" + "---|" * 13]
+            f"{mem} | × full | train s | × full | trainable % | trainable params | adapter MB | device-h | "
+            f"cost | Pareto |")
+    lines = [f"## peftsweep report — {sweep_id}", "", head, "|" + "---|" * 15]
     for _, r in table.iterrows():
         ci = f" ± {_fmt(r['test_ci95'])}" if r["test_ci95"] == r["test_ci95"] else ""
         lines.append("| " + " | ".join([
             r["arm"], f"{r['runs_ok']}/{r['runs']}", _fmt(r["test_mean"]) + ci, _fmt(r["test_delta_pts"]),
             _fmt(r["val_mean"]), _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]), _fmt(r["train_time_s"], 1),
             _fmt(r["train_time_s_ratio"]), _fmt(r["trainable_pct"], 3), _fmt(float(r["trainable_params"])),
-            _fmt(r["adapter_mb"]), "★" if r["pareto"] else ""]) + " |")
+            _fmt(r["adapter_mb"]), _fmt(r["device_hours"], 3),
+            f"{r['device_hours'] * price_per_hour:.2f}" if price_per_hour else "–",
+            "★" if r["pareto"] else ""]) + " |")
     failed = table[table["runs_ok"] < table["runs"]]
     if len(failed):
         lines += ["", "Arms with runs that did not finish ok: " +
@@ -159,7 +165,7 @@ def html(md_table: str, png: Path, sweep_id: str) -> str:
 
 
 def build_report(client, experiment: str, sweep_id: str | None = None, metric: str = "accuracy",
-                 out_dir: str = "reports", log_to_mlflow: bool = True) -> dict:
+                 out_dir: str = "reports", log_to_mlflow: bool = True, price_per_hour: float = 0.0) -> dict:
     parent = find_parent(client, experiment, sweep_id)
     sweep = parent.data.tags.get(record.SWEEP_ID, parent.info.run_name)
     trials = trial_table(client, parent)
@@ -168,7 +174,7 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
     table = arm_table(trials, metric)
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(table, metric, sweep)
+    md = markdown(table, metric, sweep, price_per_hour)
     (out / "report.md").write_text(md)
     pareto_png(table, metric, out / "pareto.png")
     (out / "report.html").write_text(html(md, out / "pareto.png", sweep))

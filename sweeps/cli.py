@@ -73,7 +73,7 @@ def cmd_report(args) -> int:
 
     cfg = _load(args.overrides)
     out = build_report(client(cfg.trial.tracking), cfg.trial.tracking.experiment, args.sweep,
-                       cfg.trial.task.metric, out_dir=args.out)
+                       cfg.trial.task.metric, out_dir=args.out, price_per_hour=args.price_per_hour)
     print(out["markdown"])
     print(f"Report written to {out['dir']}/ (report.md, report.html, pareto.png, report.json) and logged to "
           f"parent run {out['parent_run_id']} under report/.")
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="compare every arm with the full-FT arm")
     p.add_argument("--sweep", help="sweep id (default: the newest sweep)")
     p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--price-per-hour", type=float, default=0.0,
+                   help="price of one device-hour (GPU or CPU slot) for the cost column")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("promote", help="register the winning adapter and set the alias")
     p.add_argument("--sweep", help="sweep id (default: the newest sweep)")

@@ -62,6 +62,12 @@ def test_sweep_report_promote(tiny_bert, store, capsys):
         run = next(t for t in data["trials"] if t["arm"] == arm["arm"])
         assert arm["test_mean"] == pytest.approx(100 * run["test_accuracy"])
 
+    # the gate: a winner further below full FT than max_delta is refused and no alias is set
+    assert main(["promote", f"tracking.uri={store['uri']}", "--max-delta", "-1000"]) == 1
+    assert "promotion refused" in capsys.readouterr().err
+    with pytest.raises(Exception):
+        c.get_model_version_by_alias("rotten_tomatoes-tiny-bert", "champion")
+
     # promote: a registered version with alias champion that reloads to the logged metric
     assert main(["promote", f"tracking.uri={store['uri']}"]) == 0
     out = capsys.readouterr().out

@@ -13,13 +13,14 @@ _SOURCES: dict = {}
 _MODELS: dict = {}
 
 
-def _source_facts(task) -> tuple[tuple[str, ...], frozenset]:
-    """(columns, label values) of a data source, read once per process however many trials share it."""
+def _source_facts(task) -> tuple[tuple[str, ...], dict]:
+    """(columns, rows per label value) of a data source, read once per process however many trials share it."""
     key = (task.source.path, task.source.format, task.label_column)
     if key not in _SOURCES:
         frame = data.read_source(task)
-        labels = frozenset(frame[task.label_column].astype(str)) if task.label_column in frame else frozenset()
-        _SOURCES[key] = (tuple(map(str, frame.columns)), labels)
+        counts = (frame[task.label_column].astype(str).value_counts().to_dict()
+                  if task.label_column in frame else {})
+        _SOURCES[key] = (tuple(map(str, frame.columns)), counts)
     return _SOURCES[key]
 
 
@@ -49,6 +50,10 @@ def validate_trial(cfg: TrialConfig) -> list[str]:
         missing = [lab for lab in task.labels if lab not in labels]
         if missing:
             problems.append(f"task {task.name}: label(s) {missing} never occur in column {task.label_column!r}")
+        rows = sum(labels.get(lab, 0) for lab in task.labels)
+        if not missing and task.test_size + task.validation_size >= rows:
+            problems.append(f"task {task.name}: test_size + validation_size = "
+                            f"{task.test_size + task.validation_size} leaves no training rows out of {rows}")
     except ConfigError as exc:
         problems.append(str(exc))
     try:
