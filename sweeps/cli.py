@@ -57,10 +57,13 @@ def cmd_plan(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from sweeps.runner import run_sweep
+    from sweeps.runner import resume_sweep, run_sweep
 
+    if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a sweep id
+        args.overrides.insert(0, args.resume)
+        args.resume = ""
     cfg = _load(args.overrides)
-    out = run_sweep(cfg)
+    out = resume_sweep(cfg, args.resume or None) if args.resume is not None else run_sweep(cfg)
     print(f"\nSweep {out['sweep_id']}: {out['n_trials']} trials, {out['n_errors']} errored. "
           f"MLflow parent run {out['parent_run_id']} in experiment {cfg.trial.tracking.experiment!r}.")
     print(_summary(cfg, out["sweep_id"]))
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sweep", help="validate, then run the sweep on Ray Tune with MLflow tracking")
+    p.add_argument("--resume", nargs="?", const="", metavar="SWEEP_ID",
+                   help="finish an interrupted sweep (default: the newest) without re-running finished trials")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("plan", help="expand and validate every trial without training")
     p.set_defaults(fn=cmd_plan)

@@ -75,6 +75,9 @@ class ClusterConfig:
     storage_path: str = "ray_results"  # must be shared storage (s3://, NFS) on a multi-node cluster
     object_store_memory_mb: Optional[int] = 256  # trials pass no big objects; Ray's default takes 30 % of RAM
     include_dashboard: Optional[bool] = None
+    # Ray retries a trial whose process died or raised, up to this many times (preemptible nodes: 2-3).
+    # Each retry is a new MLflow child run; the failed attempt stays recorded.
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         if self.cpus_per_trial <= 0:
@@ -150,7 +153,7 @@ def _one_line(exc: Exception) -> str:
 
 def sweep_config_from_dict(data: dict) -> SweepConfig:
     data = dict(data)
-    trial = trial_config_from_dict({k: data.pop(k) for k in TRIAL_SECTIONS if k in data})
+    trial = trial_config_from_dict({k: data.pop(k) for k in (*TRIAL_SECTIONS, "output_dir") if k in data})
     sections = {k: _build(cls, data.pop(k, None), k) for k, cls in _SECTIONS.items()}
     name = data.pop("name", "sweep")
     data.pop("hydra", None)

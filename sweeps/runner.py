@@ -129,11 +129,20 @@ def _prune_recorder(cfg: SweepConfig):
     return PruneRecorder()
 
 
-def run_sweep(cfg: SweepConfig) -> dict:
-    """Launch the sweep; returns {sweep_id, parent_run_id, experiment_id, results}."""
+def _trainable(cfg: SweepConfig, base: dict, skip_finished: bool = False):
     from ray import tune
 
     from sweeps.trainable import ray_trial
+
+    return tune.with_resources(
+        tune.with_parameters(ray_trial, base=base, search=cfg.search, cpus=cfg.cluster.cpus_per_trial,
+                             skip_finished=skip_finished),
+        {"cpu": cfg.cluster.cpus_per_trial, "gpu": cfg.cluster.gpus_per_trial})
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Launch the sweep; returns {sweep_id, parent_run_id, experiment_id, n_trials, n_errors}."""
+    from ray import tune
 
     trials = plan_trials(cfg)
     cfg.trial.tracking.uri = absolute_uri(cfg.trial.tracking.uri)
@@ -141,14 +150,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
     exp_id, parent = open_parent_run(cfg, sweep_id, len(trials))
     cfg.trial.tracking.parent_run_id, cfg.trial.tracking.sweep_id = parent, sweep_id
     base = trial_dict(cfg)
-    outcome, error = "FAILED", None
-    try:
-        _init_ray(cfg)
-        trainable = tune.with_resources(
-            tune.with_parameters(ray_trial, base=base, search=cfg.search, cpus=cfg.cluster.cpus_per_trial),
-            {"cpu": cfg.cluster.cpus_per_trial, "gpu": cfg.cluster.gpus_per_trial})
-        tuner = tune.Tuner(
-            trainable,
+
+    def make_tuner():
+        return tune.Tuner(
+            _trainable(cfg, base),
             param_space=space.param_space(cfg.search, cfg.searcher.name, base),
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.search.mode, scheduler=_scheduler(cfg),
@@ -156,9 +161,47 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 max_concurrent_trials=cfg.cluster.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=_storage(cfg.cluster.storage_path),
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=1,
-                callbacks=[_prune_recorder(cfg)]))
-        grid = tuner.fit()
+                failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures, fail_fast=False),
+                verbose=1, callbacks=[_prune_recorder(cfg)]))
+
+    return _drive(cfg, sweep_id, exp_id, parent, make_tuner)
+
+
+def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
+    """Finish a sweep whose driver died: same config and parent run (read back from MLflow), Ray Tune's
+    saved experiment state; finished trials are kept, unfinished ones start again as new runs."""
+    from ray import tune
+
+    from evaluation.runs import find_parent
+    from sweeps.config import sweep_config_from_dict
+
+    tracking = cfg.trial.tracking
+    c = client(tracking)
+    parent_run = find_parent(c, tracking.experiment, sweep_id)
+    sweep_id = parent_run.data.tags[record.SWEEP_ID]
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = yaml.safe_load(Path(c.download_artifacts(parent_run.info.run_id, "sweep_config.yaml", tmp)).read_text())
+    cfg = sweep_config_from_dict(saved)
+    cfg.trial.tracking.parent_run_id, cfg.trial.tracking.sweep_id = parent_run.info.run_id, sweep_id
+    exp_id = parent_run.info.experiment_id
+    path = os.path.join(_storage(cfg.cluster.storage_path), sweep_id)
+    if not tune.Tuner.can_restore(path):
+        raise ConfigError(f"sweep {sweep_id} has no restorable Ray Tune state at {path}")
+    close_orphans(cfg, parent_run.info.run_id, exp_id, "sweep driver died while this trial ran; "
+                                                     "restarted by peftsweep sweep --resume")
+    c.set_tag(parent_run.info.run_id, record.STATUS, "running")
+    base = trial_dict(cfg)
+    return _drive(cfg, sweep_id, exp_id, parent_run.info.run_id, lambda: tune.Tuner.restore(
+        path, trainable=_trainable(cfg, base, skip_finished=True), resume_unfinished=True, resume_errored=False,
+        restart_errored=False, param_space=space.param_space(cfg.search, cfg.searcher.name, base)))
+
+
+def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner) -> dict:
+    """Run the tuner; whatever happens, close orphaned trial runs and record the parent's outcome."""
+    outcome, error = "FAILED", None
+    try:
+        _init_ray(cfg)
+        grid = make_tuner().fit()
         errors = sum(1 for r in grid if r.error)
         outcome = "FINISHED"
         return {"sweep_id": sweep_id, "parent_run_id": parent, "experiment_id": exp_id,
@@ -180,5 +223,3 @@ def run_sweep(cfg: SweepConfig) -> dict:
             ray.shutdown()
         except Exception:  # noqa: BLE001
             pass
-
-

@@ -11,7 +11,23 @@ def trial_dict_for(params: dict, base: dict, search) -> dict:
     return resolve_trial(base, search, labelled_arms(search, base)[params["arm"]], params["seed"], sampled)
 
 
-def ray_trial(params: dict, base: dict, search, cpus: float) -> None:
+def finished_twin(cfg) -> dict | None:
+    """Metrics of a run of this exact configuration that already finished ok in this sweep, if any."""
+    from trainers import record
+    from trainers.config import trial_config_to_dict
+    from trainers.tracking import client, experiment_id
+
+    key = record.trial_key(trial_config_to_dict(cfg))
+    runs = client(cfg.tracking).search_runs(
+        [experiment_id(cfg.tracking)],
+        filter_string=f"tags.`{record.PARENT_RUN_ID}` = '{cfg.tracking.parent_run_id}' and "
+                      f"tags.`{record.TRIAL_KEY}` = '{key}' and tags.`{record.STATUS}` = 'ok'", max_results=1)
+    if not runs:
+        return None
+    return {**runs[0].data.metrics, "status": "ok", "mlflow_run_id": runs[0].info.run_id, "reused": 1}
+
+
+def ray_trial(params: dict, base: dict, search, cpus: float, skip_finished: bool = False) -> None:
     from ray import tune
 
     from trainers.trial import run_trial
@@ -19,6 +35,11 @@ def ray_trial(params: dict, base: dict, search, cpus: float) -> None:
     from trainers.loop import StopTrial
 
     cfg = trial_config_from_dict(trial_dict_for(params, base, search))
+    if skip_finished:  # --resume: Ray's saved state may lag a trial that finished just before the crash
+        twin = finished_twin(cfg)
+        if twin is not None:
+            tune.report(twin)
+            return
 
     def report(metrics: dict) -> None:
         # A scheduler (ASHA) stops a trial by exiting its thread inside tune.report; turn that into a

@@ -110,3 +110,68 @@ def test_asha_prunes_trailing_trials(tiny_bert, store):
         assert r.info.status == "FINISHED"
         if r.data.tags[record.STATUS] == "pruned":
             assert 1 <= int(r.data.tags[record.PRUNED_AT_STEP]) < 6
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_killed_trial_process_is_closed_or_retried_never_left_running(tiny_bert, store, retries):
+    """SIGKILL of a trial's process (OOM killer, lost node): the trial cannot record anything itself, so the
+    sweep closes its run as failed; with cluster.max_failures Ray retries it as a new run."""
+    _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
+                   "+search.space.train.inject_fault=[null,kill@1]", "train.max_steps=3",
+                   f"cluster.max_failures={retries}", *tiny_overrides(tiny_bert, store)])
+    _, parents, children = _runs(store)
+    assert all(r.info.status != "RUNNING" for r in children + parents)
+    killed = [r for r in children if r.data.params.get("method") and r.data.tags[record.STATUS] == "failed"]
+    assert len(killed) == 1 + retries  # the original attempt and each retry (each is killed again)
+    assert all("ended without recording an outcome" in r.data.tags[record.ERROR] for r in killed)
+    assert sum(r.data.tags[record.STATUS] == "ok" for r in children) == 1
+
+
+def _count_ok(db) -> int:
+    """Finished trials, read with plain sqlite: an MlflowClient here would race the driver's schema set-up."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("select count(*) from tags where key = ? and value = 'ok'",
+                                (record.STATUS,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_resume_after_the_driver_is_killed(tiny_bert, store):
+    """SIGKILL the sweep driver after the first trial finished; `--resume` finishes the sweep without
+    re-running finished trials, and no MLflow run is left RUNNING."""
+    import os
+    import signal
+    import time
+
+    args = ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[2,4,8]",
+            "cluster.max_concurrent_trials=1", "task.train_size=400", "train.max_steps=40",
+            *tiny_overrides(tiny_bert, store)]
+    driver = subprocess.Popen([str(BIN / "peftsweep"), "sweep", *args], cwd=store["dir"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        if _count_ok(store["dir"] / "mlflow.db") >= 1:
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the sweep finished before it could be killed: make trials longer"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    _, _, before = _runs(store)
+    finished_before = {r.data.tags[record.TRIAL_KEY] for r in before if r.data.tags.get(record.STATUS) == "ok"}
+
+    proc = subprocess.run([str(BIN / "peftsweep"), "sweep", "--resume", f"tracking.uri={store['uri']}"],
+                          capture_output=True, text=True, cwd=store["dir"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, parents, children = _runs(store)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(r.info.status != "RUNNING" for r in children)
+    ok = [r for r in children if r.data.tags[record.STATUS] == "ok"]
+    keys = [r.data.tags[record.TRIAL_KEY] for r in ok]
+    assert len(keys) == len(set(keys)) == 3, "each configuration finished exactly once"
+    assert finished_before <= set(keys)
+    rerun = [r for r in ok if r.data.tags[record.TRIAL_KEY] in finished_before and r.info.run_id not in
+             {b.info.run_id for b in before}]
+    assert not rerun, "a trial finished before the crash was trained again"

@@ -33,7 +33,7 @@ CASES = [
     (["train.lr=0"], "train.lr must be > 0"),
     (["train.batch_size=0"], "train.batch_size must be > 0"),
     (["train.grad_accum=-1"], "train.grad_accum must be > 0"),
-    (["train.inject_fault=explode"], "is not raise@<step> or oom@<step>"),
+    (["train.inject_fault=explode"], "is not raise@<step>, oom@<step> or kill@<step>"),
     (["task.type=regression"], "task.type='regression' is not one of"),
     (["task.max_length=0"], "task.max_length must be > 0"),
     (["task.test_size=20000"], "leaves no training rows"),

@@ -132,12 +132,14 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_threads: Optional[int] = None  # torch threads; None = the CPUs granted to the trial
     device: str = "auto"  # auto | cpu | cuda
-    # Fault drills and tests: "raise@<step>" raises RuntimeError, "oom@<step>" torch's OutOfMemoryError.
+    # Fault drills and tests: "raise@<step>" raises RuntimeError, "oom@<step>" torch's OutOfMemoryError,
+    # "kill@<step>" SIGKILLs the trial's process (what the kernel's OOM killer or a lost node does).
     inject_fault: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.inject_fault is not None and not re.fullmatch(r"(raise|oom)@\d+", str(self.inject_fault)):
-            raise ConfigError(f"train.inject_fault={self.inject_fault!r} is not raise@<step> or oom@<step>")
+        if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+", str(self.inject_fault)):
+            raise ConfigError(f"train.inject_fault={self.inject_fault!r} is not raise@<step>, oom@<step> "
+                              "or kill@<step>")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("batch_size", "grad_accum", "eval_batch_size"):

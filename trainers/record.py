@@ -13,6 +13,7 @@ ARM = "peftsweep.arm"  # a stable label for the configuration without the seed, 
 DEVICE = "peftsweep.device"
 GIT_COMMIT = "peftsweep.git_commit"
 PRUNED_AT_STEP = "peftsweep.pruned_at_step"
+TRIAL_KEY = "peftsweep.trial_key"  # hash of the resolved trial config: finds a finished twin on --resume
 VERSION_TAG_PREFIX = "peftsweep.version."  # + library name
 PARENT_RUN_ID = "mlflow.parentRunId"
 
@@ -46,6 +47,15 @@ def metric_key(split: str, metric: str) -> str:
 # Artifacts
 ADAPTER_DIR = "adapter"  # safetensors + adapter_config.json (full FT: the whole model) + trial config
 TRIAL_CONFIG_FILE = "peftsweep_trial.yaml"
+
+
+def trial_key(trial: dict) -> str:
+    """Identity of a trial's configuration (tracking and output paths excluded)."""
+    import hashlib
+    import json
+
+    core = {k: v for k, v in trial.items() if k not in ("tracking", "output_dir")}
+    return hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def arm_label(method: str, r, alpha, target_modules, quantization: str, lr) -> str:

@@ -61,6 +61,10 @@ def fault_hook_for(spec: Optional[str]) -> Optional[Callable[[int], None]]:
         if step == int(at):
             if kind == "oom":
                 raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}")
+            if kind == "kill":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {step}")
     return hook
 
@@ -101,7 +105,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
     device = pick_device(cfg.train.device)
     arm = arm_of(cfg)
     run = TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
-                   tags={record.ARM: arm, record.DEVICE: memory.device_name(device)})
+                   tags={record.ARM: arm, record.DEVICE: memory.device_name(device),
+                         record.TRIAL_KEY: record.trial_key(trial_config_to_dict(cfg))})
     metric_name = record.metric_key("val", cfg.task.metric)
     try:
         torch.manual_seed(cfg.train.seed)
