@@ -49,6 +49,12 @@ def ray_trial(params: dict, base: dict, search, cpus: float, skip_finished: bool
         except SystemExit:
             raise StopTrial(int(metrics.get("step", -1))) from None
 
-    result = run_trial(cfg, report=report, num_threads=max(1, int(cpus)))
+    import ray
+
+    from trainers import record
+
+    placement = {record.RAY_NODE: ray.get_runtime_context().get_node_id(),
+                 record.RAY_TRIAL_ID: tune.get_context().get_trial_id()}
+    result = run_trial(cfg, report=report, num_threads=max(1, int(cpus)), tags=placement)
     if result["status"] == "pruned":
         raise SystemExit(0)  # what Ray's own stop does: end the trial thread quietly

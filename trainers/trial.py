@@ -97,8 +97,9 @@ def _dir_mb(path: Path) -> float:
 
 
 def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Optional[int] = None,
-              fault_hook: Optional[Callable[[int], None]] = None) -> dict:
-    """Run one configuration end to end and return its metrics (also logged to MLflow when enabled)."""
+              fault_hook: Optional[Callable[[int], None]] = None, tags: Optional[dict] = None) -> dict:
+    """Run one configuration end to end and return its metrics (also logged to MLflow when enabled).
+    `tags` are extra run tags from the caller (the sweep adds where Ray placed the trial)."""
     wall_start = time.perf_counter()
     threads = cfg.train.num_threads or num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)  # a 1-CPU Ray trial must not fight its neighbour for cores
@@ -106,7 +107,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
     arm = arm_of(cfg)
     run = TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
                    tags={record.ARM: arm, record.DEVICE: memory.device_name(device),
-                         record.TRIAL_KEY: record.trial_key(trial_config_to_dict(cfg))})
+                         record.TRIAL_KEY: record.trial_key(trial_config_to_dict(cfg)), **(tags or {})})
     metric_name = record.metric_key("val", cfg.task.metric)
     try:
         torch.manual_seed(cfg.train.seed)

@@ -1,0 +1,65 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, distinct custom
+resources): a sweep attached with cluster.address runs trials on both nodes, each fully recorded."""
+import os
+import socket
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import BIN, tiny_overrides
+from trainers import record
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    # Ray 2.60 enables token auth when ~/.ray/auth_token exists; every process must then agree on it.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    ray = str(BIN / "ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--resources={\"node_head\": 1}",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                        "--resources={\"node_worker\": 1}", "--disable-usage-stats"], check=True, env=env,
+                       capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_trials_land_on_both_nodes(two_nodes, tiny_bert, store):
+    address, env = two_nodes
+    proc = subprocess.run([str(BIN / "peftsweep"), "sweep", "search=tiny", f"cluster.address={address}",
+                           "train.max_steps=3", *tiny_overrides(tiny_bert, store)],
+                          capture_output=True, text=True, cwd=store["dir"], env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(address=address, logging_level="error")
+    try:
+        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+    assert len(nodes) == 2
+
+    c = MlflowClient(store["uri"])
+    runs = c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
+    trials = [r for r in runs if r.data.tags.get(record.ROLE) == "trial"]
+    assert len(trials) == 3 and all(r.data.tags[record.STATUS] == "ok" for r in trials)
+    used = {r.data.tags[record.RAY_NODE] for r in trials}
+    assert used == set(nodes), "every trial ran on a node of this cluster, and both nodes ran trials"
+    assert {next(k for k in nodes[n] if k.startswith("node_")) for n in used} == {"node_head", "node_worker"}
+    for r in trials:
+        assert {"test_accuracy", record.PEAK_HOST_RSS_GB, record.TRAINABLE_PARAMS} <= set(r.data.metrics)
