@@ -1,8 +1,10 @@
 """A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, distinct custom
 resources): a sweep attached with cluster.address runs trials on both nodes, each fully recorded."""
+import json
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -44,14 +46,12 @@ def test_trials_land_on_both_nodes(two_nodes, tiny_bert, store):
                           capture_output=True, text=True, cwd=store["dir"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    ray.init(address=address, logging_level="error")
-    try:
-        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
+    # Ask the cluster for its nodes from a fresh process (Ray caches its auth mode per process).
+    probe = subprocess.run([sys.executable, "-c", (
+        "import json, ray; ray.init(address=%r, logging_level='error'); "
+        "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))") % address],
+        capture_output=True, text=True, env=env, timeout=120)
+    nodes = json.loads(probe.stdout.strip().splitlines()[-1])
     assert len(nodes) == 2
 
     c = MlflowClient(store["uri"])
