@@ -175,3 +175,14 @@ def test_resume_after_the_driver_is_killed(tiny_bert, store):
     rerun = [r for r in ok if r.data.tags[record.TRIAL_KEY] in finished_before and r.info.run_id not in
              {b.info.run_id for b in before}]
     assert not rerun, "a trial finished before the crash was trained again"
+
+
+@pytest.mark.parametrize("searcher,samples", [("random", 2), ("optuna", 3)])
+def test_random_and_optuna_searchers_sample_the_space(tiny_bert, store, searcher, samples):
+    _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
+                   "+search.space.train.lr={loguniform:[1e-4,1e-2]}", f"searcher={searcher}",
+                   f"search.num_samples={samples}", "train.max_steps=2", *tiny_overrides(tiny_bert, store)])
+    _, _, children = _runs(store)
+    assert len(children) == samples and all(r.data.tags[record.STATUS] == "ok" for r in children)
+    lrs = [float(r.data.params["lr"]) for r in children]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == samples
