@@ -70,7 +70,11 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
     num_gpus: Optional[int] = None  # local Ray only; logical GPUs can be declared on a CPU box
     cpus_per_trial: float = 1  # also the trial's torch threads
-    gpus_per_trial: float = 0
+    # GPUs per trial: a number (1, 0.5, ...) or "auto": each trial gets the fraction of a GPU its predicted
+    # peak memory needs (trainers/estimate.py), so Ray packs trials by memory and never oversubscribes.
+    gpus_per_trial: Any = 0
+    gpu_memory_gb: Optional[float] = None  # capacity per GPU for "auto"; None: read from the local GPU
+    gpu_headroom: float = 0.9  # "auto" plans to this share of gpu_memory_gb (fragmentation, CUDA context)
     max_concurrent_trials: Optional[int] = None
     storage_path: str = "ray_results"  # must be shared storage (s3://, NFS) on a multi-node cluster
     object_store_memory_mb: Optional[int] = 256  # trials pass no big objects; Ray's default takes 30 % of RAM
@@ -82,6 +86,10 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.cpus_per_trial <= 0:
             raise ConfigError(f"cluster.cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial != "auto" and (isinstance(self.gpus_per_trial, str) or self.gpus_per_trial < 0):
+            raise ConfigError(f"cluster.gpus_per_trial must be a number >= 0 or 'auto', got {self.gpus_per_trial!r}")
+        if not 0 < self.gpu_headroom <= 1:
+            raise ConfigError(f"cluster.gpu_headroom must be in (0, 1], got {self.gpu_headroom}")
 
 
 @dataclass

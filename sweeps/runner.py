@@ -33,6 +33,15 @@ def plan_trials(cfg: SweepConfig) -> list:
         for p in validate_trial(t):
             if p not in problems:
                 problems.append(p)
+    if cfg.cluster.gpus_per_trial == "auto" and not problems:
+        from sweeps.packing import gpu_capacity_gb, trial_gpu_request
+
+        for t in trials:
+            fraction, predicted = trial_gpu_request(dataclasses.asdict(t), cfg.cluster)
+            if fraction > 1:
+                problems.append(f"{t.model.name} {t.method.name} r={t.method.r}: predicted peak {predicted:.1f} GB "
+                                f"does not fit one GPU ({gpu_capacity_gb(cfg.cluster):.0f} GB x "
+                                f"{cfg.cluster.gpu_headroom} headroom); lower train.batch_size or use quant=nf4")
     if problems:
         raise ConfigError("\n".join(problems))
     return trials
@@ -134,10 +143,12 @@ def _trainable(cfg: SweepConfig, base: dict, skip_finished: bool = False):
 
     from sweeps.trainable import ray_trial
 
+    from sweeps.packing import resources_fn
+
     return tune.with_resources(
         tune.with_parameters(ray_trial, base=base, search=cfg.search, cpus=cfg.cluster.cpus_per_trial,
                              skip_finished=skip_finished),
-        {"cpu": cfg.cluster.cpus_per_trial, "gpu": cfg.cluster.gpus_per_trial})
+        resources_fn(cfg.cluster, base, cfg.search))
 
 
 def run_sweep(cfg: SweepConfig) -> dict:

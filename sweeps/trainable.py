@@ -53,8 +53,13 @@ def ray_trial(params: dict, base: dict, search, cpus: float, skip_finished: bool
 
     from trainers import record
 
+    import os
+
     placement = {record.RAY_NODE: ray.get_runtime_context().get_node_id(),
-                 record.RAY_TRIAL_ID: tune.get_context().get_trial_id()}
+                 record.RAY_TRIAL_ID: tune.get_context().get_trial_id(),
+                 # which GPU(s) Ray gave the trial, and the share it reserved: audit packing from MLflow
+                 record.CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                 record.GPU_SHARE: str(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))}
     result = run_trial(cfg, report=report, num_threads=max(1, int(cpus)), tags=placement)
     if result["status"] == "pruned":
         raise SystemExit(0)  # what Ray's own stop does: end the trial thread quietly

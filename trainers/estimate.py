@@ -55,7 +55,7 @@ def shape_of(config) -> tuple[int, int, int]:
     return int(hidden), int(layers), int(heads)
 
 
-def predict_trial(cfg) -> dict:
+def predict_trial(cfg, validate_device: bool = True) -> dict:
     """Plan row for one trial: resolved modules, trainable/total params as peft counts them (on a meta-device
     copy: no weights), and the predicted peak memory on the device it would run on."""
     import copy
@@ -65,7 +65,7 @@ def predict_trial(cfg) -> dict:
     from trainers.trial import pick_device
     from trainers.validate import _meta
 
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device) if validate_device else cfg.train.device
     model = copy.deepcopy(_meta(cfg))
     targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
     model = apply_method(model, cfg.method, targets, cfg.task.type)

@@ -1,0 +1,54 @@
+"""Memory-aware GPU packing on logical GPUs (ray.init(num_gpus=N) on a CPU box): each trial asks for the GPU
+share its predicted peak needs, Ray places it, and no GPU ever holds more predicted memory than it has."""
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeps.cli import main
+from sweeps.config import load, trial_dict
+from sweeps.packing import STEP, gpu_fraction, trial_gpu_request
+from sweeps.space import expand
+from tests.conftest import tiny_overrides
+from tests.test_e2e import _sweep
+from trainers import record
+
+
+def test_fraction_rounds_up_to_the_step_and_never_under_reserves():
+    assert gpu_fraction(9.0, 80, 0.9) == pytest.approx(0.15)  # 9 / 72 = 0.125 → 0.15
+    assert gpu_fraction(36.0, 80, 0.9) == pytest.approx(0.5)
+    for pred in (0.3, 7.7, 20.0, 71.9):
+        f = gpu_fraction(pred, 80, 0.9)
+        assert f * 80 * 0.9 >= pred and round(f / STEP, 6).is_integer()
+
+
+def test_a_trial_that_cannot_fit_one_gpu_is_refused_at_plan_time(capsys):
+    code = main(["plan", "search=tiny", "cluster.gpus_per_trial=auto", "cluster.gpu_memory_gb=0.05"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit one GPU" in err
+
+
+@pytest.mark.slow
+def test_trials_pack_onto_logical_gpus_by_predicted_memory(tiny_bert, store):
+    overrides = ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[2,4,8]", "search.seeds=[0,1]",
+                 "train.max_steps=6", *tiny_overrides(tiny_bert, store)]
+    cfg = load(overrides)
+    cfg.cluster.gpu_memory_gb = 1.0
+    predicted = max(trial_gpu_request(t, cfg.cluster)[1] for t in expand(cfg.search, trial_dict(cfg)))
+    capacity = predicted / (0.9 * 0.43)  # → every trial asks for 0.45 of a GPU: two fit, three do not
+    _sweep(store, [*overrides, "cluster.num_gpus=2", "cluster.num_cpus=4", "cluster.gpus_per_trial=auto",
+                   f"cluster.gpu_memory_gb={capacity}"])
+    c = MlflowClient(store["uri"])
+    runs = [r for r in c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
+            if r.data.tags.get(record.ROLE) == "trial"]
+    assert len(runs) == 6 and all(r.data.tags[record.STATUS] == "ok" for r in runs)
+    assert all(float(r.data.tags[record.GPU_SHARE]) == pytest.approx(0.45) for r in runs)
+    gpus = {r.data.tags[record.CUDA_VISIBLE_DEVICES] for r in runs}
+    assert gpus <= {"0", "1"} and len(gpus) == 2, gpus  # one GPU id per trial, both GPUs used
+    peak_shared = 0
+    for gpu in gpus:  # at no instant do trials on one GPU reserve more than it holds
+        spans = [(r.info.start_time, r.info.end_time, float(r.data.tags[record.GPU_SHARE]))
+                 for r in runs if r.data.tags[record.CUDA_VISIBLE_DEVICES] == gpu]
+        for start, _, _ in spans:
+            reserved = sum(share for s, e, share in spans if s <= start < e)
+            assert reserved <= 1.0 + 1e-9, (gpu, reserved)
+            peak_shared = max(peak_shared, sum(1 for s, e, _ in spans if s <= start < e))
+    assert peak_shared == 2, "two trials shared a GPU at once (packing), never three"
