@@ -30,7 +30,7 @@ def finished_twin(cfg) -> dict | None:
 def ray_trial(params: dict, base: dict, search, cpus: float, skip_finished: bool = False) -> None:
     from ray import tune
 
-    from trainers.trial import run_trial
+    from trainers.trial import run_trial_with_oom_retries
 
     from trainers.loop import StopTrial
 
@@ -60,6 +60,6 @@ def ray_trial(params: dict, base: dict, search, cpus: float, skip_finished: bool
                  # which GPU(s) Ray gave the trial, and the share it reserved: audit packing from MLflow
                  record.CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                  record.GPU_SHARE: str(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))}
-    result = run_trial(cfg, report=report, num_threads=max(1, int(cpus)), tags=placement)
+    result = run_trial_with_oom_retries(cfg, report=report, num_threads=max(1, int(cpus)), tags=placement)
     if result["status"] == "pruned":
         raise SystemExit(0)  # what Ray's own stop does: end the trial thread quietly

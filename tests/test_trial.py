@@ -106,7 +106,7 @@ def test_secrets_never_reach_mlflow(tiny_bert, store, monkeypatch):
     cfg.train.inject_fault = "raise@0"
     import trainers.trial as trial_mod
 
-    monkeypatch.setattr(trial_mod, "fault_hook_for", lambda spec: _raise_with("s3cr3t-value-42"))
+    monkeypatch.setattr(trial_mod, "fault_hook_for", lambda spec, batch=0: _raise_with("s3cr3t-value-42"))
     with pytest.raises(RuntimeError):
         run_trial(cfg)
     c = MlflowClient(store["uri"])
@@ -121,3 +121,34 @@ def _raise_with(secret):
     def hook(step):
         raise RuntimeError(f"could not reach service with password {secret}")
     return hook
+
+
+def test_an_oom_is_retried_with_half_the_micro_batch_and_the_same_effective_batch(tiny_bert, store):
+    from trainers.trial import run_trial_with_oom_retries
+
+    cfg = _cfg(tiny_bert, store)  # micro-batch 8
+    cfg.train.inject_fault = "oom@1:bs>4"  # out of memory at micro-batch 8, fits at 4
+    out = run_trial_with_oom_retries(cfg)
+    assert out["status"] == "ok"
+    c = MlflowClient(store["uri"])
+    runs = sorted(c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id]),
+                  key=lambda r: r.info.start_time)
+    assert [r.data.tags[record.STATUS] for r in runs] == ["oom", "ok"]
+    first, retry = runs
+    assert (int(first.data.params["batch_size"]), int(first.data.params["grad_accum"])) == (8, 1)
+    assert (int(retry.data.params["batch_size"]), int(retry.data.params["grad_accum"])) == (4, 2)
+    assert retry.data.tags[record.OOM_RETRY] == "1"
+    assert first.data.tags[record.TRIAL_KEY] == retry.data.tags[record.TRIAL_KEY]
+
+
+def test_oom_at_every_size_gives_up_and_propagates(tiny_bert, store):
+    from trainers.trial import run_trial_with_oom_retries
+
+    cfg = _cfg(tiny_bert, store)
+    cfg.train.inject_fault, cfg.train.oom_retries = "oom@0", 2
+    with pytest.raises(torch.OutOfMemoryError):
+        run_trial_with_oom_retries(cfg)
+    c = MlflowClient(store["uri"])
+    runs = c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
+    assert sorted(int(r.data.params["batch_size"]) for r in runs) == [2, 4, 8]
+    assert all(r.data.tags[record.STATUS] == "oom" for r in runs)

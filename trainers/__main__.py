@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from trainers.trial import run_trial
+    from trainers.trial import run_trial_with_oom_retries
 
-    results = run_trial(cfg)
+    results = run_trial_with_oom_retries(cfg)
     print(json.dumps(results) if args.json else yaml.safe_dump(results, sort_keys=False))
     return 0 if results.get("status") == "ok" else 1
 

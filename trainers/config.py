@@ -134,10 +134,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     # Fault drills and tests: "raise@<step>" raises RuntimeError, "oom@<step>" torch's OutOfMemoryError,
     # "kill@<step>" SIGKILLs the trial's process (what the kernel's OOM killer or a lost node does).
+    # A ":bs>B" suffix fires only while the micro-batch exceeds B (an OOM that a smaller batch avoids).
     inject_fault: Optional[str] = None
+    # On out-of-memory, retry with half the micro-batch and twice the accumulation (same effective batch),
+    # at most this many times; each attempt is its own MLflow run.
+    oom_retries: int = 3
 
     def __post_init__(self) -> None:
-        if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+", str(self.inject_fault)):
+        if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+(:bs>\d+)?", str(self.inject_fault)):
             raise ConfigError(f"train.inject_fault={self.inject_fault!r} is not raise@<step>, oom@<step> "
                               "or kill@<step>")
         if self.lr <= 0:

@@ -17,7 +17,8 @@ RAY_NODE = "peftsweep.ray_node"  # the Ray node that ran the trial (set by the s
 RAY_TRIAL_ID = "peftsweep.ray_trial_id"
 CUDA_VISIBLE_DEVICES = "peftsweep.cuda_visible_devices"
 GPU_SHARE = "peftsweep.gpu_share"
-TRIAL_KEY = "peftsweep.trial_key"  # hash of the resolved trial config: finds a finished twin on --resume
+TRIAL_KEY = "peftsweep.trial_key"
+OOM_RETRY = "peftsweep.oom_retry"  # n-th retry after out-of-memory (half micro-batch, double accumulation)  # hash of the resolved trial config: finds a finished twin on --resume
 VERSION_TAG_PREFIX = "peftsweep.version."  # + library name
 PARENT_RUN_ID = "mlflow.parentRunId"
 

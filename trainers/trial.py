@@ -51,11 +51,15 @@ def trial_params(cfg: TrialConfig) -> dict:
     }
 
 
-def fault_hook_for(spec: Optional[str]) -> Optional[Callable[[int], None]]:
-    """`raise@N` / `oom@N` from train.inject_fault: fail at optimizer step N, as a real fault would."""
+def fault_hook_for(spec: Optional[str], batch_size: int = 0) -> Optional[Callable[[int], None]]:
+    """`raise@N` / `oom@N` / `kill@N` (optionally `:bs>B`) from train.inject_fault: fail at optimizer step N,
+    as a real fault would; with `:bs>B` only while the micro-batch is larger than B."""
     if not spec:
         return None
-    kind, at = spec.split("@")
+    kind, _, rest = spec.partition("@")
+    at, _, cond = rest.partition(":bs>")
+    if cond and batch_size <= int(cond):
+        return None
 
     def hook(step: int) -> None:
         if step == int(at):
@@ -67,6 +71,29 @@ def fault_hook_for(spec: Optional[str]) -> Optional[Callable[[int], None]]:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {step}")
     return hook
+
+
+def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
+    """run_trial, and on out-of-memory again with half the micro-batch and twice the gradient accumulation:
+    the same effective batch, so the retry answers the same question at less activation memory. Each
+    attempt is recorded (`oom`, then the retry's outcome); the last OOM propagates, which Ray searchers
+    treat as a failed (infeasible) trial rather than a bad score."""
+    import dataclasses
+
+    attempt = cfg
+    # every attempt carries the requested configuration's key, so --resume recognises a retried success
+    kwargs["tags"] = {**(kwargs.get("tags") or {}), record.TRIAL_KEY: record.trial_key(trial_config_to_dict(cfg))}
+    for retry in range(cfg.train.oom_retries + 1):
+        try:
+            return run_trial(attempt, **kwargs)
+        except torch.OutOfMemoryError:
+            if retry == cfg.train.oom_retries or attempt.train.batch_size == 1:
+                raise
+            train = dataclasses.replace(attempt.train, batch_size=attempt.train.batch_size // 2,
+                                        grad_accum=attempt.train.grad_accum * 2)
+            attempt = dataclasses.replace(attempt, train=train)
+            kwargs["tags"] = {**kwargs["tags"], record.OOM_RETRY: str(retry + 1)}
+    raise AssertionError("unreachable")
 
 
 def arm_of(cfg: TrialConfig) -> str:
@@ -147,7 +174,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
 
         memory.reset_cuda_peak(device)
         stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval,
-                           fault_hook=fault_hook or fault_hook_for(cfg.train.inject_fault))
+                           fault_hook=fault_hook or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
         train_peaks = memory.cuda_peaks(device)
 
         # 6. evaluate: validation selects, test reports
