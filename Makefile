@@ -39,6 +39,7 @@ test-all: install
 bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/asha_vs_fifo.py
+	$(PY) bench/faults.py
 	$(PY) bench/gpu_table.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
 	  --sizes $$($(PY) -c "import torch; print('135m,1b' if torch.cuda.is_available() else 'tiny')")
 

@@ -15,7 +15,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from trainers.config import ConfigError, trial_config_from_dict
+from trainers.config import ConfigError
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint", "derive")
 SAMPLED = ("choice", "uniform", "loguniform", "randint")
@@ -162,10 +162,6 @@ def _representative(spec: dict):
     """A value inside a sampled domain, so validation can type-check the trial (low end of the range)."""
     kind, args = next(iter(spec.items()))
     return args[0]
-
-
-def validate_configs(trials: list[dict]) -> list:
-    return [trial_config_from_dict(t) for t in trials]
 
 
 def labelled_arms(search, base: dict) -> dict[str, dict]:

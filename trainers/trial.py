@@ -228,7 +228,3 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-
-
-def config_summary(cfg: TrialConfig) -> dict:
-    return trial_config_to_dict(cfg)
