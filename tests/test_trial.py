@@ -29,14 +29,16 @@ def _peft_count(tiny_bert, targets, r):
     return peft_model.get_nb_trainable_parameters()[0]
 
 
-@pytest.mark.parametrize("preset,targets", [("attention_qv", ["query", "value"]),
-                                            ("all_linear", ["query", "key", "value", "dense"])])
-def test_trial_records_everything_and_counts_like_peft(tiny_bert, store, preset, targets):
+# closed form for the tiny BERT (hidden 32, MLP 64, 2 layers), r=4: r·(in+out) per adapted layer + the
+# 2-class head (32·2 + 2 = 66). q,v: 2 layers × 2 × 4·64 = 1,024. all linear: per layer q,k,v,o 4 × 256
+# + intermediate 4·96 + output 4·96 = 1,792; × 2 + pooler 256 = 3,840.
+@pytest.mark.parametrize("preset,targets,closed_form", [("attention_qv", ["query", "value"], 1024 + 66),
+                                                        ("all_linear", ["query", "key", "value", "dense"], 3840 + 66)])
+def test_trial_records_everything_and_counts_like_peft(tiny_bert, store, preset, targets, closed_form):
     cfg = _cfg(tiny_bert, store, r=4, alpha=8, target_modules=preset)
     out = run_trial(cfg)
     assert out["status"] == "ok"
-    assert out[record.TRAINABLE_PARAMS] == _peft_count(tiny_bert, targets, 4)
-    # closed form: r·(in+out) per adapted 32×32 / 32×64 layer + the 2-class head (32·2 + 2)
+    assert out[record.TRAINABLE_PARAMS] == _peft_count(tiny_bert, targets, 4) == closed_form
     run = MlflowClient(store["uri"]).get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags[record.STATUS] == "ok"
     for name in ("model", "task", "method", "r", "alpha", "dropout", "target_modules", "target_modules_resolved",

@@ -153,7 +153,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         if device == "cpu":
             quantization.patch_cpu_layers(net)
         trainable, total = parameter_counts(net)
-        run.log_params({"target_modules_resolved": summarize(targets) or "all", "n_target_modules": len(targets)})
+        run.log_params({"target_modules_resolved": summarize(targets) or "all", "n_target_modules": len(targets),
+                        "num_threads": torch.get_num_threads()})
 
         # 4. tokenize
         if cfg.task.type == "classification":
