@@ -13,6 +13,9 @@ from evaluation.runs import find_parent, trial_table
 from trainers import record
 
 
+PYFUNC_DIR = "pyfunc_model"
+
+
 class PromotionRefused(RuntimeError):
     """The gate said no; the alias was left where it was."""
 
@@ -59,12 +62,35 @@ def _download(uri: str, tracking_uri: str) -> str:
 
 
 def reload_check(model_uri: str, tracking_uri: str, logged: float, metric: str, tolerance_points: float) -> float:
-    """Load the registered adapter from the registry onto its base model, score the held-out test split,
-    and return the reproduced metric; raise PromotionRefused if it strays from the logged one."""
+    """Load the registered version exactly as a consumer would (`mlflow.pyfunc.load_model`), predict the
+    held-out test split from raw text, and return the reproduced metric; raise PromotionRefused if it
+    strays from the logged one."""
+    import mlflow
+    import pandas as pd
+
+    from trainers import data
+    from trainers.metrics import classification_metrics
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    cfg = model.unwrap_python_model().cfg
+    test = data.load_splits(cfg.task)["test"]
+    predicted = list(model.predict(pd.DataFrame({"text": test["text"]})))
+    index = {label: i for i, label in enumerate(cfg.task.labels)}
+    reproduced = classification_metrics([index[p] for p in predicted], list(test["label"]),
+                                        len(cfg.task.labels))[metric]
+    if math.isnan(reproduced) or abs(reproduced - logged) * 100 > tolerance_points:
+        raise PromotionRefused(f"{model_uri} reloads to test {metric} {100 * reproduced:.2f} but the run logged "
+                               f"{100 * logged:.2f} (tolerance {tolerance_points} pts)")
+    return reproduced
+
+
+def reload_check_direct(model_uri: str, tracking_uri: str, logged: float, metric: str,
+                        tolerance_points: float) -> float:
+    """Causal-LM adapters (no pyfunc flavour yet): load the registered folder onto its base and score test."""
     from trainers.inference import load_trained, score_split
 
-    local = _download(model_uri, tracking_uri)
-    model, tokenizer, cfg = load_trained(local)
+    model, tokenizer, cfg = load_trained(_download(model_uri, tracking_uri))
     reproduced = score_split(model, tokenizer, cfg, "test")[record.metric_key("test", metric)]
     if math.isnan(reproduced) or abs(reproduced - logged) * 100 > tolerance_points:
         raise PromotionRefused(f"{model_uri} reloads to test {metric} {100 * reproduced:.2f} but the run logged "
@@ -91,8 +117,20 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
         client.create_registered_model(name, description=f"Adapters promoted by peftsweep from {experiment}")
     except MlflowException:
         pass  # exists already: add a version
-    # A plain artifact folder is not an MLflow Model, so register its location directly.
-    source = f"{run['artifact_uri']}/{record.ADAPTER_DIR}"
+    # Wrap the trial's adapter folder as a pyfunc model (so the registry serves it), stored beside it in the
+    # trial's run; a plain artifact folder is not an MLflow Model, so register that location directly.
+    import tempfile
+
+    from evaluation.serving import save_pyfunc
+
+    from trainers.config import load_trial_config
+
+    weights = _download(f"{run['artifact_uri']}/{record.ADAPTER_DIR}", tracking_uri)
+    servable = load_trial_config(f"{weights}/{record.TRIAL_CONFIG_FILE}").task.type == "classification"
+    if servable:
+        with tempfile.TemporaryDirectory() as tmp:
+            client.log_artifacts(run["run_id"], save_pyfunc(weights, f"{tmp}/{PYFUNC_DIR}"), PYFUNC_DIR)
+    source = f"{run['artifact_uri']}/{PYFUNC_DIR if servable else record.ADAPTER_DIR}"
     tags = {"base_model": run["model_path"], "base_model_name": run["model"], "method": run["method"],
             "r": run["r"], "alpha": run["alpha"], "target_modules": run["target_modules"],
             "target_modules_resolved": run["target_modules_resolved"], "quantization": run["quantization"],
@@ -103,8 +141,8 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
                                           tags={k: _tag(v) for k, v in tags.items()},
                                           description=f"{run['arm']} seed {run['seed']} from sweep {sweep}")
     logged = run[record.metric_key("test", metric)]
-    reproduced = reload_check(f"models:/{name}/{version.version}", tracking_uri, logged, metric,
-                              promote_cfg.tolerance_points)
+    check = reload_check if servable else reload_check_direct
+    reproduced = check(f"models:/{name}/{version.version}", tracking_uri, logged, metric, promote_cfg.tolerance_points)
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "reload_check", f"test_{metric}={reproduced:.4f}")
     return {"name": name, "version": version.version, "alias": alias, "arm": run["arm"], "run_id": run["run_id"],

@@ -80,6 +80,59 @@ def test_sweep_report_promote(tiny_bert, store, capsys):
     reproduced = float(version.tags["reload_check"].split("=")[1])
     assert abs(reproduced - winner.data.metrics["test_accuracy"]) * 100 <= 0.5
 
+    _champion_serves_like_direct_inference(store, c, winner)
+
+
+TEXTS = ["a warm, funny and beautifully acted film", "tedious, overlong and badly written",
+         "the plot goes nowhere", "one of the best movies of the year"]
+
+
+def _champion_serves_like_direct_inference(store, c, winner):
+    """models:/…@champion through pyfunc in a fresh process, and through `mlflow models serve` over HTTP,
+    give the same labels as loading the trial's adapter directly."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    from trainers.inference import load_trained, predict_texts
+
+    local = c.download_artifacts(winner.info.run_id, record.ADAPTER_DIR, str(store["dir"]))
+    model, tok, cfg = load_trained(local)
+    direct = predict_texts(model, tok, cfg, TEXTS)
+    # the server launches `uvicorn` by name: the venv must be on PATH, as after `source .venv/bin/activate`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    uri = "models:/rotten_tomatoes-tiny-bert@champion"
+    fresh = subprocess.run([str(BIN / "python"), "-c",
+                            "import json, sys, mlflow, pandas; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+                            "print(json.dumps(list(m.predict(pandas.DataFrame({'text': json.loads(sys.argv[2])})))))",
+                            uri, json.dumps(TEXTS)], capture_output=True, text=True, env=env, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == direct
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+                               "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=store["dir"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
+        deadline, answer = time.time() + 180, None
+        while time.time() < deadline and answer is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(1)
+        assert answer is not None, "no answer from mlflow models serve within 180 s"
+        assert answer["predictions"] == direct
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store):
     _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
