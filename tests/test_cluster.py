@@ -2,9 +2,11 @@
 resources): a sweep attached with cluster.address runs trials on both nodes, each fully recorded."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,22 +23,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop only this cluster's processes: `ray stop` would kill every Ray on the machine (other sweeps too)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
 @pytest.fixture
-def two_nodes(tmp_path):
+def two_nodes():
     # Ray 2.60 enables token auth when ~/.ray/auth_token exists; every process must then agree on it.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()
     ray = str(BIN / "ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--resources={\"node_head\": 1}",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=120)
     try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--resources={\"node_head\": 1}",
+                        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                       check=True, env=env, capture_output=True, timeout=120)
         subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                        "--resources={\"node_worker\": 1}", "--disable-usage-stats"], check=True, env=env,
-                       capture_output=True, timeout=120)
+                        "--resources={\"node_worker\": 1}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                       check=True, env=env, capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_trials_land_on_both_nodes(two_nodes, tiny_bert, store):
