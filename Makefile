@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.peftsweep-installed
 
-.PHONY: install demo test test-all bench bench-memory ui clean
+.PHONY: install system-deps demo test test-all bench bench-memory ui clean
 
 install: $(STAMP)
 
@@ -29,10 +29,14 @@ demo: install
 	@echo "  runs:     $(VENV)/bin/peftsweep ui   -> http://127.0.0.1:5000 (experiment 'peftsweep')"
 	@echo "  registry: models:/rotten_tomatoes-minilm-l6@champion"
 
-test: install
+# Debian packages some tests drive for real (PostgreSQL, Chromium); installed only when missing.
+system-deps:
+	scripts/system_deps.sh
+
+test: install system-deps
 	$(PY) -m pytest -q -m "not gpu"
 
-test-all: install
+test-all: install system-deps
 	$(PY) -m pytest -q
 
 # Benchmarks print ratios measured side by side in one run (minutes each on 2 cores).
