@@ -162,6 +162,9 @@ class TrackingConfig:
     parent_run_id: Optional[str] = None
     sweep_id: Optional[str] = None
     save_adapter: bool = True
+    # Writes a trial cannot deliver (tracking server down, sqlite locked) wait in an in-memory outbox while
+    # training goes on; the trial's last writes wait this long for the server before the trial fails.
+    outage_timeout_s: float = 900.0
 
 
 @dataclass

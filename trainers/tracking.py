@@ -88,36 +88,88 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _retry(fn, *args, attempts: int = 5, **kwargs):
-    """sqlite under concurrent trials can answer 'database is locked'; a short backoff clears it."""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception:  # noqa: BLE001
-            if i == attempts - 1:
-                raise
-            time.sleep(0.5 * 2 ** i)
+# MLflow error codes that no amount of waiting fixes: deliver them to the caller at once.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+              "PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_STATE"}
+
+
+def _transient(exc: Exception) -> bool:
+    """Server down, timing out, answering 5xx, or a locked sqlite file: worth waiting for."""
+    return getattr(exc, "error_code", None) not in _PERMANENT
+
+
+class _Outbox:
+    """Writes in order; what cannot be delivered now waits, in order, while the trial goes on training.
+    Each metric keeps the timestamp and step it was logged with, so a late delivery changes nothing."""
+
+    def __init__(self, outage_timeout_s: float):
+        self.pending: list[tuple] = []
+        self.outage_timeout_s = outage_timeout_s
+        self.outage_since: float | None = None
+
+    def send(self, fn, *args, wait: bool = False) -> None:
+        self.pending.append((fn, args))
+        self.flush(wait)
+
+    def flush(self, wait: bool) -> None:
+        # Known outage: one quick try per write. Otherwise ride out a short hiccup (a locked sqlite file).
+        # `wait` (the trial's end): up to outage_timeout_s, since the process is about to exit.
+        grace = self.outage_timeout_s if wait else (0.0 if self.outage_since else 5.0)
+        deadline, delay = time.monotonic() + grace, 0.25
+        while self.pending:
+            fn, args = self.pending[0]
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001
+                if not _transient(exc):
+                    raise
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    print(f"tracking unreachable, buffering writes: {redact(str(exc))[:200]}", flush=True)
+                if time.monotonic() >= deadline:
+                    if wait:
+                        raise
+                    return
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 10.0)
+                continue
+            self.pending.pop(0)
+            if self.outage_since is not None:
+                print(f"tracking reachable again after {time.monotonic() - self.outage_since:.0f} s; "
+                      f"delivering {len(self.pending) + 1} buffered writes", flush=True)
+                self.outage_since = None
 
 
 class TrialRun:
-    """A child run; a no-op when tracking is disabled (the bare baseline)."""
+    """A child run; a no-op when tracking is disabled (the bare baseline). Writes go through an outbox so
+    a tracking server that is down for a while costs no metric and does not stop training."""
 
     def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict):
         self.enabled = cfg.enabled
         self.run_id = None
         if not self.enabled:
             return
+        if cfg.uri.startswith(("http://", "https://")):
+            # MLflow's own HTTP retries (7, exponential backoff) would block training for minutes per
+            # write during an outage; the outbox retries instead, without stopping the trial.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = client(cfg)
+        self.outbox = _Outbox(cfg.outage_timeout_s)
         all_tags = {record.STATUS: "running", record.ROLE: "trial", record.GIT_COMMIT: git_commit(),
                     **{record.VERSION_TAG_PREFIX + k: v for k, v in library_versions().items()}, **tags}
         if cfg.parent_run_id:
             all_tags[record.PARENT_RUN_ID] = cfg.parent_run_id
         if cfg.sweep_id:
             all_tags[record.SWEEP_ID] = cfg.sweep_id
-        run = _retry(self.client.create_run, experiment_id(cfg), run_name=run_name,
-                     tags={k: redact(v) for k, v in all_tags.items()})
-        self.run_id = run.info.run_id
-        self.artifact_uri = run.info.artifact_uri
+        # Everything after needs the run id: wait for the server here, before any training is spent.
+        created = []
+        _Outbox(cfg.outage_timeout_s).send(
+            lambda: created.append(self.client.create_run(experiment_id(cfg), run_name=run_name,
+                                                          tags={k: redact(v) for k, v in all_tags.items()})),
+            wait=True)
+        self.run_id = created[0].info.run_id
+        self.artifact_uri = created[0].info.artifact_uri
         self.log_params(params)
 
     def log_params(self, params: dict) -> None:
@@ -125,8 +177,8 @@ class TrialRun:
             return
         from mlflow.entities import Param
 
-        _retry(self.client.log_batch, self.run_id,
-               params=[Param(k, redact(v)[:6000]) for k, v in params.items() if v is not None])
+        self.outbox.send(self._log_batch,
+                         {"params": [Param(k, redact(v)[:6000]) for k, v in params.items() if v is not None]})
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         if not self.enabled:
@@ -134,26 +186,32 @@ class TrialRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        _retry(self.client.log_batch, self.run_id,
-               metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+        self.outbox.send(self._log_batch,
+                         {"metrics": [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]})
 
     def set_tags(self, tags: dict) -> None:
         if not self.enabled:
             return
         from mlflow.entities import RunTag
 
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
+        self.outbox.send(self._log_batch, {"tags": [RunTag(k, redact(v)) for k, v in tags.items()]})
+
+    def _log_batch(self, batch: dict) -> None:
+        self.client.log_batch(self.run_id, **batch)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        # The folder is temporary: deliver now, waiting out an outage if there is one.
         if self.enabled:
-            _retry(self.client.log_artifacts, self.run_id, local_dir, artifact_path)
+            self.outbox.send(self.client.log_artifacts, self.run_id, local_dir, artifact_path, wait=True)
 
     def finish(self, status: str, error: str | None = None) -> None:
-        """Record the outcome; MLflow's own status follows (ok/pruned → FINISHED, else FAILED)."""
+        """Record the outcome; MLflow's own status follows (ok/pruned → FINISHED, else FAILED). Blocks until
+        every buffered write is delivered: the trial's record is complete or the trial fails loudly."""
         if not self.enabled:
             return
         tags = {record.STATUS: status}
         if error:
             tags[record.ERROR] = error[:5000]
         self.set_tags(tags)
-        _retry(self.client.set_terminated, self.run_id, "FINISHED" if status in ("ok", "pruned") else "FAILED")
+        self.outbox.send(self.client.set_terminated, self.run_id,
+                         "FINISHED" if status in ("ok", "pruned") else "FAILED", wait=True)

@@ -114,7 +114,12 @@ cmd_start() {
             password="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
         fi
         [[ "$password" =~ ^[A-Za-z0-9._~-]{8,}$ ]] || die "PEFTSWEEP_PG_PASSWORD must be >= 8 URL-safe characters [A-Za-z0-9._~-]"
-        (( ${#SOCK_DIR} < 100 )) || die "path $SOCK_DIR is too long for a unix socket; use a shorter DIR"
+        # PostgreSQL's socket is $SOCK_DIR/.s.PGSQL.$port and sun_path holds 107 bytes plus NUL; a longer path
+        # fails only after initdb, with a bare "could not create any Unix-domain sockets" in the log.
+        local sock_path="$SOCK_DIR/.s.PGSQL.$port" sock_bytes
+        sock_bytes="$(LC_ALL=C; printf '%s' "${#sock_path}")"
+        (( sock_bytes <= 107 )) \
+            || die "socket path $sock_path is $sock_bytes bytes, over the 107-byte unix socket limit; use a shorter DIR"
 
         mkdir -p -- "$DIR"
         chmod 0755 -- "$DIR"   # the OS user must be able to traverse it; secrets are in 0600/0700 children
