@@ -1,19 +1,29 @@
-"""`peftsweep promote`: register the winning adapter of a sweep in the MLflow Model Registry, check that
-`models:/<name>@<alias>` reloads onto its base model and reproduces the logged metric, then move the alias.
+"""`peftsweep promote`: register the winning adapter of a sweep in the MLflow Model Registry, check in a
+fresh process that `models:/<name>/<version>` reloads onto its exact base model and reproduces the logged
+metric, then move the alias.
 
-The alias only moves after the check passes, so a bad version never becomes the champion.
+The alias only moves after the gate and the reload check pass, so a bad version never becomes the
+champion; earlier versions stay registered. The version carries the adapter only (weights,
+adapter_config.json, the trial config), the base model's reference with a content hash or revision, the
+quantization settings, and a model card with the sweep's table.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from evaluation.report import arm_table
+from evaluation.report import arm_table, markdown
 from evaluation.runs import find_parent, trial_table
 from trainers import record
 
-
 PYFUNC_DIR = "pyfunc_model"
+MODEL_CARD = "README.md"
 
 
 class PromotionRefused(RuntimeError):
@@ -27,22 +37,37 @@ class Winner:
     reason: str
 
 
-def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0) -> Winner:
-    """best: the adapter arm with the highest mean validation metric (test is for reporting, not picking);
-    cheapest_within: the lowest peak memory among adapter arms within `within_points` of the best."""
+def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, cost: str = "peak_mem",
+           memory_budget_gb: float | None = None) -> Winner:
+    """Pick the arm by validation metrics (test is for reporting, not picking), then its best seed's run."""
     table = arm_table(trials, metric)
     adapters = table[(table["method"] != "full") & (table["runs_ok"] > 0)]
     if adapters.empty:
         raise PromotionRefused("no adapter arm finished ok: nothing to promote")
-    best = adapters.sort_values("val_mean", ascending=False).iloc[0]
     if rule == "best":
-        arm, reason = best, f"highest mean val {metric} ({best['val_mean']:.2f})"
+        arm = adapters.sort_values("val_mean", ascending=False).iloc[0]
+        reason = f"highest mean val {metric} ({arm['val_mean']:.2f})"
     elif rule == "cheapest_within":
-        close = adapters[adapters["val_mean"] >= best["val_mean"] - within_points]
-        arm = close.sort_values("peak_mem_gb").iloc[0]
-        reason = f"lowest peak memory within {within_points} pts of the best val {metric}"
+        full = table[(table["method"] == "full") & (table["runs_ok"] > 0)]
+        if full.empty:
+            raise PromotionRefused("rule cheapest_within needs a full fine-tuning arm that finished ok")
+        bar = full.iloc[0]["val_mean"] - within_points
+        close = adapters[adapters["val_mean"] >= bar]
+        if close.empty:
+            raise PromotionRefused(f"no adapter arm is within {within_points} pts of full FT's val {metric} "
+                                   f"({full.iloc[0]['val_mean']:.2f})")
+        column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
+        arm = close.sort_values([column, "val_mean"], ascending=[True, False]).iloc[0]
+        reason = f"lowest {cost} among adapters within {within_points} pts of full FT's val {metric}"
+    elif rule == "best_under_budget":
+        fits = adapters[adapters["peak_mem_gb"] <= memory_budget_gb]
+        if fits.empty:
+            raise PromotionRefused(f"no adapter arm's peak memory fits {memory_budget_gb} GB "
+                                   f"(smallest: {adapters['peak_mem_gb'].min():.2f} GB)")
+        arm = fits.sort_values("val_mean", ascending=False).iloc[0]
+        reason = f"highest mean val {metric} with peak memory <= {memory_budget_gb} GB"
     else:
-        raise ValueError(f"unknown promotion rule {rule!r} (best, cheapest_within)")
+        raise PromotionRefused(f"unknown promotion rule {rule!r}")
     runs = trials[(trials["arm"] == arm["arm"]) & (trials["status"] == "ok")]
     run = runs.sort_values(record.metric_key("val", metric), ascending=False).iloc[0]
     return Winner(run=run.to_dict(), arm=arm.to_dict(), reason=reason)
@@ -55,96 +80,117 @@ def _tag(value) -> str:
     return str(value)
 
 
-def _download(uri: str, tracking_uri: str) -> str:
+def _download(uri: str, tracking_uri: str, dest: str) -> str:
     import mlflow
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, dst_path=dest)
 
 
 def reload_check(model_uri: str, tracking_uri: str, logged: float, metric: str, tolerance_points: float) -> float:
-    """Load the registered version exactly as a consumer would (`mlflow.pyfunc.load_model`), predict the
-    held-out test split from raw text, and return the reproduced metric; raise PromotionRefused if it
-    strays from the logged one."""
-    import mlflow
-    import pandas as pd
-
-    from trainers import data
-    from trainers.metrics import classification_metrics
-
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    cfg = model.unwrap_python_model().cfg
-    test = data.load_splits(cfg.task)["test"]
-    predicted = list(model.predict(pd.DataFrame({"text": test["text"]})))
-    index = {label: i for i, label in enumerate(cfg.task.labels)}
-    reproduced = classification_metrics([index[p] for p in predicted], list(test["label"]),
-                                        len(cfg.task.labels))[metric]
+    """Load the version exactly as a consumer would (`mlflow.pyfunc.load_model` in a new interpreter), predict
+    the held-out test split from raw text, and return the reproduced metric; PromotionRefused if it strays."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.run([sys.executable, "-m", "evaluation.reload_check", model_uri], capture_output=True,
+                          text=True, env=env, cwd=str(Path(__file__).resolve().parent.parent))
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PromotionRefused(f"{model_uri} does not reload: {last}")
+    reproduced = json.loads(proc.stdout.strip().splitlines()[-1])["value"]
     if math.isnan(reproduced) or abs(reproduced - logged) * 100 > tolerance_points:
         raise PromotionRefused(f"{model_uri} reloads to test {metric} {100 * reproduced:.2f} but the run logged "
                                f"{100 * logged:.2f} (tolerance {tolerance_points} pts)")
     return reproduced
 
 
-def reload_check_direct(model_uri: str, tracking_uri: str, logged: float, metric: str,
-                        tolerance_points: float) -> float:
-    """Causal-LM adapters (no pyfunc flavour yet): load the registered folder onto its base and score test."""
+def merge_damage(weights: str, metric: str, logged: float) -> dict:
+    """An adapter trained on a quantized base, merged into the full-precision base (how it is often
+    shipped): its test metric and the points lost against the quantized-base figure (transformers#31293)."""
     from trainers.inference import load_trained, score_split
 
-    model, tokenizer, cfg = load_trained(_download(model_uri, tracking_uri))
-    reproduced = score_split(model, tokenizer, cfg, "test")[record.metric_key("test", metric)]
-    if math.isnan(reproduced) or abs(reproduced - logged) * 100 > tolerance_points:
-        raise PromotionRefused(f"{model_uri} reloads to test {metric} {100 * reproduced:.2f} but the run logged "
-                               f"{100 * logged:.2f} (tolerance {tolerance_points} pts)")
-    return reproduced
+    model, tokenizer, cfg = load_trained(weights, base_quant="none", merge=True)
+    merged = score_split(model, tokenizer, cfg, "test")[record.metric_key("test", metric)]
+    return {f"merged_fp_test_{metric}": merged, "merge_damage_pts": round(100 * (logged - merged), 2)}
+
+
+def model_card(name: str, version_hint: str, winner: Winner, base: dict, sweep: str, table_md: str,
+               metric: str) -> str:
+    run = winner.run
+    quant = run["quantization"]
+    return "\n".join([
+        f"# {name}", "",
+        f"Adapter promoted by peftsweep from sweep `{sweep}` ({winner.reason}).", "",
+        f"- arm: `{run['arm']}`, seed {_tag(run['seed'])}, MLflow run `{run['run_id']}`",
+        f"- method: {run['method']}, r={_tag(run['r'])}, alpha={_tag(run['alpha'])}, "
+        f"modules: {run['target_modules']} → {run['target_modules_resolved']}",
+        f"- quantization of the base during training: {quant}",
+        f"- test {metric}: {100 * run[record.metric_key('test', metric)]:.2f} %, "
+        f"{winner.arm['test_delta_pts']:+.2f} pts vs full fine-tuning (arm mean)",
+        f"- base model: `{base['path']}`" + (f" (gguf `{base['gguf_file']}`)" if base.get("gguf_file") else "")
+        + (f", sha256 `{base['sha256']}`" if base.get("sha256") else "")
+        + (f", revision `{base['revision']}`" if base.get("revision") else ""), "",
+        "Load it: `mlflow.pyfunc.load_model(\"models:/" + f"{name}@{version_hint}\")` (a `text` column in, "
+        "label names out). The base model is loaded from the reference above and checked against its hash.",
+        "", table_md])
 
 
 def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, promote_cfg,
             metric: str = "accuracy") -> dict:
+    from mlflow.exceptions import MlflowException
+
+    from evaluation.serving import save_pyfunc
+    from trainers.inference import write_base_reference
+
     parent = find_parent(client, experiment, sweep_id)
     sweep = parent.data.tags.get(record.SWEEP_ID, parent.info.run_name)
     trials = trial_table(client, parent)
-    winner = choose(trials, metric, promote_cfg.rule, promote_cfg.within_points)
+    winner = choose(trials, metric, promote_cfg.rule, promote_cfg.within_points, promote_cfg.cost,
+                    promote_cfg.memory_budget_gb)
     delta = winner.arm["test_delta_pts"]
     if promote_cfg.max_delta is not None and not (delta >= -promote_cfg.max_delta):
-        raise PromotionRefused(f"winner {winner.arm['arm']} is {-delta:.2f} pts below full FT "
-                               f"(max_delta {promote_cfg.max_delta}); alias {promote_cfg.alias!r} unchanged")
+        why = "no full-FT arm to compare with" if delta != delta else f"{-delta:.2f} pts below full FT"
+        raise PromotionRefused(f"winner {winner.arm['arm']} is {why} (max_delta {promote_cfg.max_delta}); "
+                               f"alias {promote_cfg.alias!r} unchanged")
     run = winner.run
     name = promote_cfg.registered_model or f"{parent.data.params.get('task')}-{parent.data.params.get('model')}"
     alias = promote_cfg.alias
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name, description=f"Adapters promoted by peftsweep from {experiment}")
     except MlflowException:
         pass  # exists already: add a version
-    # Wrap the trial's adapter folder as a pyfunc model (so the registry serves it), stored beside it in the
-    # trial's run; a plain artifact folder is not an MLflow Model, so register that location directly.
-    import tempfile
-
-    from evaluation.serving import save_pyfunc
-
-    from trainers.config import load_trial_config
-
-    weights = _download(f"{run['artifact_uri']}/{record.ADAPTER_DIR}", tracking_uri)
-    servable = load_trial_config(f"{weights}/{record.TRIAL_CONFIG_FILE}").task.type == "classification"
-    if servable:
-        with tempfile.TemporaryDirectory() as tmp:
-            client.log_artifacts(run["run_id"], save_pyfunc(weights, f"{tmp}/{PYFUNC_DIR}"), PYFUNC_DIR)
-    source = f"{run['artifact_uri']}/{PYFUNC_DIR if servable else record.ADAPTER_DIR}"
-    tags = {"base_model": run["model_path"], "base_model_name": run["model"], "method": run["method"],
-            "r": run["r"], "alpha": run["alpha"], "target_modules": run["target_modules"],
-            "target_modules_resolved": run["target_modules_resolved"], "quantization": run["quantization"],
-            "lr": run["lr"], "seed": run["seed"], "sweep_id": sweep, "arm": run["arm"],
-            f"test_{metric}": run[record.metric_key("test", metric)],
-            "delta_vs_full_ft_pts": round(float(delta), 2), "selection": winner.reason}
-    version = client.create_model_version(name, source=source, run_id=run["run_id"],
-                                          tags={k: _tag(v) for k, v in tags.items()},
-                                          description=f"{run['arm']} seed {run['seed']} from sweep {sweep}")
+    table_md = markdown(arm_table(trials, metric), trials, metric, sweep)
     logged = run[record.metric_key("test", metric)]
-    check = reload_check if servable else reload_check_direct
-    reproduced = check(f"models:/{name}/{version.version}", tracking_uri, logged, metric, promote_cfg.tolerance_points)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The trial's adapter folder, plus the base reference, wrapped as a pyfunc model (so the registry
+        # serves it) and stored beside the adapter in the trial's run.
+        Path(tmp, "dl").mkdir()
+        weights = _download(f"{run['artifact_uri']}/{record.ADAPTER_DIR}", tracking_uri, f"{tmp}/dl")
+        base = write_base_reference(weights)
+        card = model_card(name, alias, winner, base, sweep, table_md, metric)
+        Path(weights, MODEL_CARD).write_text(card)
+        extra = merge_damage(weights, metric, logged) if run["quantization"] not in (None, "none") else {}
+        client.log_artifacts(run["run_id"], save_pyfunc(weights, f"{tmp}/{PYFUNC_DIR}"), PYFUNC_DIR)
+    if extra:
+        client.log_metric(run["run_id"], f"merged_fp_test_{metric}", extra[f"merged_fp_test_{metric}"])
+    tags = {"base_model": base["path"], "base_model_sha256": base["sha256"] or "",
+            "base_model_revision": base["revision"] or ("" if base["sha256"] else "unpinned"),
+            "base_model_gguf_file": base["gguf_file"] or "", "base_model_name": run["model"],
+            "method": run["method"], "r": run["r"], "alpha": run["alpha"], "target_modules": run["target_modules"],
+            "target_modules_resolved": run["target_modules_resolved"], "quantization": run["quantization"],
+            "double_quant": run.get("double_quant"), "compute_dtype": run.get("compute_dtype"),
+            "lr": run["lr"], "seed": run["seed"], "sweep_id": sweep, "arm": run["arm"],
+            f"test_{metric}": logged, "delta_vs_full_ft_pts": round(float(delta), 2), "selection": winner.reason,
+            **extra}
+    version = client.create_model_version(name, source=f"{run['artifact_uri']}/{PYFUNC_DIR}", run_id=run["run_id"],
+                                          tags={k: _tag(v) for k, v in tags.items() if v is not None},
+                                          description=card[:5000])
+    uri = f"models:/{name}/{version.version}"
+    try:
+        reproduced = reload_check(uri, tracking_uri, logged, metric, promote_cfg.tolerance_points)
+    except PromotionRefused as exc:
+        client.set_model_version_tag(name, version.version, "reload_check", f"failed: {str(exc)[:400]}")
+        raise PromotionRefused(f"{exc}; alias {alias!r} unchanged") from None
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "reload_check", f"test_{metric}={reproduced:.4f}")
     return {"name": name, "version": version.version, "alias": alias, "arm": run["arm"], "run_id": run["run_id"],
             "logged": logged, "reproduced": reproduced, "delta_vs_full_ft_pts": delta, "reason": winner.reason,
-            "uri": f"models:/{name}@{alias}"}
+            "uri": f"models:/{name}@{alias}", "base": base, **extra}

@@ -1,26 +1,33 @@
 """`peftsweep report`: every arm of a sweep against its full fine-tuning arm, from MLflow alone.
 
-Per arm (runs sharing a configuration, over seeds): mean and 95 % CI of the task metric, the delta to
-full FT in points, peak memory / train time and their ratios to full FT, trainable %, adapter MB; the
-Pareto frontier of metric vs peak memory. Written as Markdown, HTML (self-contained), PNG and JSON and
-logged to the sweep's parent run under `report/`.
+Per arm (runs sharing a configuration, over seeds): mean and 95 % CI of the task metric and of its delta
+to full FT in points (paired by seed when both arms ran the same seeds), peak memory, train time,
+device-hours and cost with their ratios to full FT, trainable %, adapter MB; the Pareto frontier of metric
+vs peak memory, vs train time and vs trainable parameters, and a rank × modules heat map. Written as
+Markdown, self-contained HTML, PNG and JSON and logged to the sweep's parent run under `report/`.
+Trials that failed, ran out of memory or were pruned are listed, not dropped.
 """
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from evaluation import plots
 from evaluation.runs import find_parent, trial_table
 from trainers import record
 
 # Two-sided 95 % Student t quantiles by degrees of freedom; 1.96 beyond the table.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
         10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t95(dof: int) -> float:
+    return _T95.get(dof) or next((_T95[k] for k in sorted(_T95) if k >= dof), 1.96)
 
 
 def ci95(values) -> float:
@@ -31,8 +38,25 @@ def ci95(values) -> float:
         return float("nan")
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = _T95.get(n - 1) or next((_T95[k] for k in sorted(_T95) if k >= n - 1), 1.96)
-    return t * sd / math.sqrt(n)
+    return _t95(n - 1) * sd / math.sqrt(n)
+
+
+def delta_ci95(arm: dict, base: dict) -> float:
+    """Half-width of the 95 % CI of mean(arm) - mean(base), values keyed by seed. Paired by seed when
+    at least two seeds ran in both arms (the seed fixes data order and init, so pairing removes most of
+    the seed-to-seed noise); otherwise Welch's interval from the two samples."""
+    common = sorted(set(arm) & set(base))
+    if len(common) >= 2:
+        return ci95([arm[s] - base[s] for s in common])
+    a, b = list(arm.values()), list(base.values())
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    va = sum((x - sum(a) / len(a)) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - sum(b) / len(b)) ** 2 for x in b) / (len(b) - 1) / len(b)
+    if va + vb == 0:
+        return 0.0
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return _t95(max(1, int(dof))) * math.sqrt(va + vb)
 
 
 def memory_column(trials: pd.DataFrame) -> str:
@@ -41,11 +65,17 @@ def memory_column(trials: pd.DataFrame) -> str:
     return col if col in trials and trials[col].notna().any() else record.PEAK_HOST_RSS_GB
 
 
+def _by_seed(runs: pd.DataFrame, col: str) -> dict:
+    if col not in runs:
+        return {}
+    return {int(s): 100 * v for s, v in zip(runs["seed"], runs[col]) if v == v and s == s}
+
+
 def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per arm; `metric` is the bare task metric name (accuracy)."""
-    test, val = record.metric_key("test", metric), record.metric_key("val", metric)
+    """One row per arm; `metric` is the bare task metric name (accuracy). Means and deltas in points."""
     mem = memory_column(trials)
     ok = trials[trials["status"] == "ok"]
+    full_runs = ok[ok["method"] == "full"]
     rows = []
     for arm, group in trials.groupby("arm", sort=False):
         good = ok[ok["arm"] == arm]
@@ -53,34 +83,43 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
         row = {"arm": arm, "method": first["method"], "r": first["r"], "alpha": first["alpha"],
                "target_modules": first["target_modules"], "quantization": first["quantization"],
                "lr": first["lr"], "runs_ok": len(good), "runs": len(group),
+               "seeds": ",".join(str(int(s)) for s in sorted(good["seed"].dropna())),
                "statuses": ",".join(sorted(set(group["status"])))}
-        for col, name in ((test, "test"), (val, "val")):
-            vals = list(good[col]) if col in good else []
-            row[f"{name}_mean"] = 100 * sum(vals) / len(vals) if vals else float("nan")
-            row[f"{name}_ci95"] = 100 * ci95(vals)
+        for split in ("test", "val"):
+            col = record.metric_key(split, metric)
+            values, base = _by_seed(good, col), _by_seed(full_runs, col)
+            row[f"{split}_mean"] = sum(values.values()) / len(values) if values else float("nan")
+            row[f"{split}_ci95"] = ci95(list(values.values()))
+            row[f"{split}_delta_ci95"] = delta_ci95(values, base) if first["method"] != "full" else 0.0
         for col, name in ((mem, "peak_mem_gb"), (record.TRAIN_TIME_S, "train_time_s"),
                           (record.TRAINABLE_PCT, "trainable_pct"), (record.TRAINABLE_PARAMS, "trainable_params"),
                           (record.ADAPTER_MB, "adapter_mb"), (record.TOKENS_PER_S, "tokens_per_s"),
                           (record.WALL_TIME_S, "wall_time_s")):
             row[name] = good[col].mean() if col in good and len(good) else float("nan")
+        # A trial holds its device share (a GPU fraction, or one CPU slot) for its wall time.
+        share = good["gpu_share"].where(good["gpu_share"] > 0, 1.0) if "gpu_share" in good else 1.0
+        row["device_hours"] = float((good[record.WALL_TIME_S] * share).sum() / 3600) \
+            if record.WALL_TIME_S in good and len(good) else float("nan")
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    # device-hours per run, so arms with different numbers of finished seeds compare fairly
+    table["device_hours_per_run"] = table["device_hours"] / table["runs_ok"].where(table["runs_ok"] > 0)
     full = table[table["method"] == "full"]
     base = full.iloc[0] if len(full) else None
+    nan = float("nan")
     for name in ("test", "val"):
-        table[f"{name}_delta_pts"] = table[f"{name}_mean"] - (base[f"{name}_mean"] if base is not None else float("nan"))
-    for name in ("peak_mem_gb", "train_time_s"):
-        table[f"{name}_ratio"] = table[name] / base[name] if base is not None else float("nan")
-    # One trial holds one device (GPU, or CPU slot) for its wall time: the basis of device-hours and cost.
-    table["device_hours"] = table["wall_time_s"] * table["runs_ok"] / 3600
-    table["pareto"] = pareto_mask(table["test_mean"].tolist(), table["peak_mem_gb"].tolist())
-    table.attrs["memory_metric"] = mem
+        table[f"{name}_delta_pts"] = table[f"{name}_mean"] - (base[f"{name}_mean"] if base is not None else nan)
+    for name in ("peak_mem_gb", "train_time_s", "device_hours_per_run"):
+        table[f"{name}_ratio"] = table[name] / base[name] if base is not None else nan
+    for cost, suffix in (("peak_mem_gb", ""), ("train_time_s", "_time"), ("trainable_params", "_params")):
+        table["pareto" + suffix] = pareto_mask(table["test_mean"].tolist(), table[cost].tolist())
     table["is_full"] = table["method"] == "full"  # the baseline heads the table
     table = table.sort_values(["is_full", "test_mean"], ascending=[False, False]).reset_index(drop=True)
+    table = table.drop(columns="is_full")
     table.attrs["memory_metric"] = mem
-    return table.drop(columns="is_full")
+    return table
 
 
 def pareto_mask(scores: list[float], costs: list[float]) -> list[bool]:
@@ -101,67 +140,82 @@ def _fmt(x, digits=2) -> str:
         return x
     if x is None or x != x:
         return "–"
-    if isinstance(x, (int,)) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
         return f"{int(x):,}"
     return f"{x:.{digits}f}"
 
 
-def markdown(table: pd.DataFrame, metric: str, sweep_id: str, price_per_hour: float = 0.0) -> str:
+def _pm(mean, half) -> str:
+    return _fmt(mean) + (f" ± {_fmt(half)}" if half == half else "")
+
+
+def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: str,
+             price_per_hour: float = 0.0) -> str:
     mem = table.attrs.get("memory_metric", "peak memory")
-    head = (f"| arm | runs ok | test {metric} % (±95% CI) | Δ vs full FT (pts) | val {metric} % | "
-            f"{mem} | × full | train s | × full | trainable % | trainable params | adapter MB | device-h | "
-            f"cost | Pareto |")
-    lines = [f"## peftsweep report — {sweep_id}", "", head, "|" + "---|" * 15]
+    seeds = sorted({int(s) for s in trials["seed"].dropna()})
+    lines = [f"## peftsweep report — {sweep_id}", "",
+             f"Test {metric} in %, mean ± 95 % CI over seeds {seeds}; Δ is against the full fine-tuning arm "
+             f"(paired by seed). Memory is `{mem}`. ★ marks the Pareto frontier of {metric} vs memory.", "",
+             f"| arm | runs ok | test {metric} % | Δ vs full FT (pts) | val {metric} % | {mem} | × full | "
+             f"train s | × full | device-h | × full | cost | trainable % | trainable params | adapter MB | ★ |",
+             "|" + "---|" * 16]
     for _, r in table.iterrows():
-        ci = f" ± {_fmt(r['test_ci95'])}" if r["test_ci95"] == r["test_ci95"] else ""
+        cost = f"{r['device_hours'] * price_per_hour:.2f}" if price_per_hour else "–"
         lines.append("| " + " | ".join([
-            r["arm"], f"{r['runs_ok']}/{r['runs']}", _fmt(r["test_mean"]) + ci, _fmt(r["test_delta_pts"]),
-            _fmt(r["val_mean"]), _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]), _fmt(r["train_time_s"], 1),
-            _fmt(r["train_time_s_ratio"]), _fmt(r["trainable_pct"], 3), _fmt(float(r["trainable_params"])),
-            _fmt(r["adapter_mb"]), _fmt(r["device_hours"], 3),
-            f"{r['device_hours'] * price_per_hour:.2f}" if price_per_hour else "–",
-            "★" if r["pareto"] else ""]) + " |")
-    failed = table[table["runs_ok"] < table["runs"]]
-    if len(failed):
-        lines += ["", "Arms with runs that did not finish ok: " +
-                  "; ".join(f"{r['arm']} ({r['statuses']})" for _, r in failed.iterrows())]
+            r["arm"], f"{r['runs_ok']}/{r['runs']}", _pm(r["test_mean"], r["test_ci95"]),
+            _pm(r["test_delta_pts"], r["test_delta_ci95"]) if r["method"] != "full" else "0 (baseline)",
+            _pm(r["val_mean"], r["val_ci95"]), _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]),
+            _fmt(r["train_time_s"], 1), _fmt(r["train_time_s_ratio"]), _fmt(r["device_hours"], 3),
+            _fmt(r["device_hours_per_run_ratio"]), cost, _fmt(r["trainable_pct"], 3),
+            _fmt(float(r["trainable_params"])), _fmt(r["adapter_mb"]), "★" if r["pareto"] else ""]) + " |")
+    if "full" not in set(table["method"]):
+        lines += ["", "This sweep has no full fine-tuning arm that finished: deltas and ratios are blank."]
+    bad = trials[trials["status"] != "ok"]
+    if len(bad):
+        lines += ["", f"### Runs that did not finish ok ({len(bad)} of {len(trials)})", "",
+                  "| arm | seed | status | detail |", "|---|---|---|---|"]
+        for _, r in bad.iterrows():
+            detail = r.get("error") or ""
+            if r["status"] == "pruned" and r.get("pruned_at_step"):
+                detail = f"stopped by the scheduler at step {r['pruned_at_step']}"
+            seed = "–" if r["seed"] != r["seed"] else int(r["seed"])
+            lines.append(f"| {r['arm']} | {seed} | {r['status']} | "
+                         f"{str(detail).splitlines()[0][:160].replace('|', '/') if detail else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def pareto_png(table: pd.DataFrame, metric: str, path: Path) -> None:
-    import matplotlib
+def html(md: str, images: list[Path], sweep_id: str) -> str:
+    """The Markdown's tables and text as one self-contained page (images inlined)."""
+    parts, table = [], []
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def flush():
+        if table:
+            cells = [[html_lib.escape(c.strip()) for c in ln.strip().strip("|").split("|")] for ln in table]
+            head = "".join(f"<th>{c}</th>" for c in cells[0])
+            body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            table.clear()
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for _, r in table.iterrows():
-        color = "black" if r["method"] == "full" else ("tab:red" if r["pareto"] else "tab:blue")
-        ax.scatter(r["peak_mem_gb"], r["test_mean"], color=color, s=40)
-        ax.annotate(r["arm"], (r["peak_mem_gb"], r["test_mean"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
-    front = table[table["pareto"]].sort_values("peak_mem_gb")
-    ax.plot(front["peak_mem_gb"], front["test_mean"], color="tab:red", lw=1, label="Pareto frontier")
-    ax.set_xlabel(table.attrs.get("memory_metric", "peak memory (GB)"))
-    ax.set_ylabel(f"test {metric} (%)")
-    ax.set_title("metric vs peak memory (black: full fine-tuning)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def html(md_table: str, png: Path, sweep_id: str) -> str:
-    rows = [ln for ln in md_table.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
-    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]
-    head = "".join(f"<th>{c}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
-    img = base64.b64encode(png.read_bytes()).decode()
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftsweep {sweep_id}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+    for ln in md.splitlines():
+        if ln.startswith("|"):
+            if not ln.startswith("|---"):
+                table.append(ln)
+            continue
+        flush()
+        if ln.startswith("## "):
+            parts.append(f"<h1>{html_lib.escape(ln[3:])}</h1>")
+        elif ln.startswith("### "):
+            parts.append(f"<h2>{html_lib.escape(ln[4:])}</h2>")
+        elif ln.strip():
+            parts.append(f"<p>{html_lib.escape(ln)}</p>")
+    flush()
+    for img in images:
+        data = base64.b64encode(img.read_bytes()).decode()
+        parts.append(f"<p><img alt='{img.stem}' src='data:image/png;base64,{data}'></p>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftsweep {html_lib.escape(sweep_id)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-            f"</style></head><body><h1>peftsweep report — {sweep_id}</h1><table><tr>{head}</tr>{body}</table>"
-            f"<p><img alt='Pareto plot' src='data:image/png;base64,{img}'></p></body></html>")
+            f"img{{max-width:100%}}</style></head><body>{''.join(parts)}</body></html>")
 
 
 def build_report(client, experiment: str, sweep_id: str | None = None, metric: str = "accuracy",
@@ -174,14 +228,18 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
     table = arm_table(trials, metric)
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(table, metric, sweep, price_per_hour)
+    md = markdown(table, trials, metric, sweep, price_per_hour)
     (out / "report.md").write_text(md)
-    pareto_png(table, metric, out / "pareto.png")
-    (out / "report.html").write_text(html(md, out / "pareto.png", sweep))
-    (out / "report.json").write_text(json.dumps({"sweep_id": sweep, "metric": metric,
-                                                 "arms": json.loads(table.to_json(orient="records")),
-                                                 "trials": json.loads(trials.to_json(orient="records"))}, indent=1))
+    images = [plots.pareto_png(table, metric, out / "pareto.png")]
+    heat = plots.rank_modules_heatmap(table, metric, out / "heatmap_rank_modules.png")
+    images += [heat] if heat else []
+    (out / "report.html").write_text(html(md, images, sweep))
+    payload = {"sweep_id": sweep, "parent_run_id": parent.info.run_id, "metric": metric,
+               "memory_metric": table.attrs.get("memory_metric"), "price_per_hour": price_per_hour,
+               "arms": json.loads(table.to_json(orient="records")),
+               "trials": json.loads(trials.to_json(orient="records"))}
+    (out / "report.json").write_text(json.dumps(payload, indent=1))
     if log_to_mlflow:
         client.log_artifacts(parent.info.run_id, str(out), "report")
     return {"sweep_id": sweep, "parent_run_id": parent.info.run_id, "dir": str(out), "markdown": md,
-            "table": table, "trials": trials}
+            "table": table, "trials": trials, "json": payload}

@@ -6,7 +6,7 @@ import pandas as pd
 from trainers import record
 
 PARAM_COLUMNS = ("method", "r", "alpha", "target_modules", "target_modules_resolved", "quantization",
-                 "lr", "seed", "model", "model_path", "task", "train_size")
+                 "double_quant", "compute_dtype", "lr", "seed", "model", "model_path", "task", "train_size")
 
 
 def find_parent(client, experiment: str, sweep_id: str | None = None):
@@ -37,7 +37,9 @@ def trial_table(client, parent) -> pd.DataFrame:
                "status": run.data.tags.get(record.STATUS, "unknown"),
                "error": run.data.tags.get(record.ERROR, ""),
                "arm": run.data.tags.get(record.ARM, run.info.run_name),
-               "artifact_uri": run.info.artifact_uri}
+               "artifact_uri": run.info.artifact_uri,
+               "pruned_at_step": run.data.tags.get(record.PRUNED_AT_STEP, ""),
+               "gpu_share": run.data.tags.get(record.GPU_SHARE)}
         for name in PARAM_COLUMNS:
             row[name] = run.data.params.get(name)
         row.update(run.data.metrics)
@@ -45,6 +47,6 @@ def trial_table(client, parent) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    for col in ("r", "alpha", "lr", "seed"):
+    for col in ("r", "alpha", "lr", "seed", "gpu_share"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame.sort_values(["arm", "seed"]).reset_index(drop=True)

@@ -8,7 +8,12 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
+import warnings
+
 import mlflow.pyfunc
+
+# MLflow advises type hints on predict() for input validation; the signature saved with the model does that job.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class AdapterClassifier(mlflow.pyfunc.PythonModel):
@@ -37,5 +42,5 @@ def save_pyfunc(weights_dir: str, dest: str) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # advice about type hints and input examples
         mlflow.pyfunc.save_model(dest, python_model=str(entry), artifacts={"weights": weights_dir},
-                                 signature=infer_signature(example, ["fresh"]), pip_requirements=pins)
+                                 signature=infer_signature(example, ["label"]), pip_requirements=pins)
     return str(Path(dest))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -77,9 +78,12 @@ def cmd_report(args) -> int:
     cfg = _load(args.overrides)
     out = build_report(client(cfg.trial.tracking), cfg.trial.tracking.experiment, args.sweep,
                        cfg.trial.task.metric, out_dir=args.out, price_per_hour=args.price_per_hour)
+    if args.format == "json":  # for scripts: stdout carries the JSON alone
+        print(json.dumps(out["json"], indent=1))
+        return 0
     print(out["markdown"])
-    print(f"Report written to {out['dir']}/ (report.md, report.html, pareto.png, report.json) and logged to "
-          f"parent run {out['parent_run_id']} under report/.")
+    print(f"Report written to {out['dir']}/ (report.md, report.html, pareto.png, heatmap_rank_modules.png, "
+          f"report.json) and logged to parent run {out['parent_run_id']} under report/.")
     return 0
 
 
@@ -87,11 +91,9 @@ def cmd_promote(args) -> int:
     from evaluation.promote import PromotionRefused, promote
     from trainers.tracking import absolute_uri, client
 
-    cfg = _load(args.overrides)
-    if args.rule:
-        cfg.promote.rule = args.rule
-    if args.max_delta is not None:
-        cfg.promote.max_delta = args.max_delta
+    flags = {"rule": args.rule, "max_delta": args.max_delta, "memory_budget_gb": args.memory_budget_gb,
+             "within_points": args.within_points, "cost": args.cost}
+    cfg = _load([*args.overrides, *(f"promote.{k}={v}" for k, v in flags.items() if v is not None)])
     uri = absolute_uri(cfg.trial.tracking.uri)
     try:
         out = promote(client(cfg.trial.tracking), uri, cfg.trial.tracking.experiment, args.sweep, cfg.promote,
@@ -100,9 +102,15 @@ def cmd_promote(args) -> int:
         return _fail(f"promotion refused: {exc}", 1)
     print(f"Promoted {out['arm']} (run {out['run_id']}) as {out['name']} version {out['version']}, "
           f"alias @{out['alias']}: {out['reason']}.")
-    print(f"Reload check: {out['uri']} reproduces test {cfg.trial.task.metric} "
+    print(f"Reload check (fresh process): {out['uri']} reproduces test {cfg.trial.task.metric} "
           f"{100 * out['reproduced']:.2f} (logged {100 * out['logged']:.2f}); "
           f"{out['delta_vs_full_ft_pts']:+.2f} pts vs full FT.")
+    base = out["base"]
+    print(f"Base model: {base['path']}" + (f" sha256 {base['sha256'][:16]}…" if base["sha256"] else "")
+          + (f" revision {base['revision']}" if base["revision"] else ""))
+    if "merge_damage_pts" in out:
+        print(f"Merged into the full-precision base: test {cfg.trial.task.metric} "
+              f"{100 * out['merged_fp_test_' + cfg.trial.task.metric]:.2f} ({out['merge_damage_pts']:+.2f} pts lost)")
     return 0
 
 
@@ -131,11 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports", help="output folder")
     p.add_argument("--price-per-hour", type=float, default=0.0,
                    help="price of one device-hour (GPU or CPU slot) for the cost column")
+    p.add_argument("--format", choices=["markdown", "json"], default="markdown",
+                   help="what to print (files of every format are written either way)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("promote", help="register the winning adapter and set the alias")
     p.add_argument("--sweep", help="sweep id (default: the newest sweep)")
-    p.add_argument("--rule", choices=["best", "cheapest_within"])
+    p.add_argument("--rule", choices=["best", "cheapest_within", "best_under_budget"])
     p.add_argument("--max-delta", type=float, help="refuse if the winner trails full FT by more points")
+    p.add_argument("--within-points", type=float, help="cheapest_within: allowed distance below full FT")
+    p.add_argument("--cost", choices=["peak_mem", "device_hours"], help="cheapest_within: what cheapest means")
+    p.add_argument("--memory-budget-gb", type=float, help="best_under_budget: peak memory the adapter must fit")
     p.set_defaults(fn=cmd_promote)
     p = sub.add_parser("ui", help="MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

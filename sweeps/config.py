@@ -92,14 +92,30 @@ class ClusterConfig:
             raise ConfigError(f"cluster.gpu_headroom must be in (0, 1], got {self.gpu_headroom}")
 
 
+PROMOTION_RULES = ("best", "cheapest_within", "best_under_budget")
+
+
 @dataclass
 class PromoteConfig:
     registered_model: Optional[str] = None  # None: "<task>-<model>" read from the sweep's parent run
     alias: str = "champion"
-    rule: str = "best"  # best | cheapest_within
-    max_delta: Optional[float] = None  # points below full FT beyond which promotion is refused
-    within_points: float = 1.0  # cheapest_within: allowed distance to the best adapter
+    # best: highest mean validation metric among adapters; cheapest_within: the lowest `cost` among adapters
+    # within `within_points` of full FT's validation metric; best_under_budget: the best adapter whose peak
+    # memory fits `memory_budget_gb`.
+    rule: str = "best"
+    max_delta: Optional[float] = None  # gate: refuse when the winner's test metric trails full FT by more points
+    within_points: float = 1.0  # cheapest_within: allowed distance below full FT (validation, points)
+    cost: str = "peak_mem"  # cheapest_within: peak_mem | device_hours
+    memory_budget_gb: Optional[float] = None  # best_under_budget: the arm's mean peak memory must fit this
     tolerance_points: float = 0.5  # reload check: reproduced metric must match the logged one this closely
+
+    def __post_init__(self) -> None:
+        if self.rule not in PROMOTION_RULES:
+            raise ConfigError(f"promote.rule={self.rule!r} is not one of {', '.join(PROMOTION_RULES)}")
+        if self.cost not in ("peak_mem", "device_hours"):
+            raise ConfigError(f"promote.cost={self.cost!r} is not peak_mem or device_hours")
+        if self.rule == "best_under_budget" and not (self.memory_budget_gb and self.memory_budget_gb > 0):
+            raise ConfigError("promote.rule=best_under_budget needs promote.memory_budget_gb > 0")
 
 
 @dataclass

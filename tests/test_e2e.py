@@ -30,16 +30,17 @@ def _runs(store):
 
 
 def test_sweep_report_promote(tiny_bert, store, capsys):
-    _sweep(store, ["search=tiny", "train.max_steps=3", *tiny_overrides(tiny_bert, store)])
+    _sweep(store, ["search=tiny", "train.max_steps=3", "search.seeds=[0,1]", *tiny_overrides(tiny_bert, store)])
     c, parents, children = _runs(store)
 
-    # one parent, one child per arm, all finished and nested under the parent
-    assert len(parents) == 1 and len(children) == 3
+    # one parent, one child per arm and seed, all finished and nested under the parent
+    assert len(parents) == 1 and len(children) == 6
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.params["n_trials"] == "3"
+    assert parent.info.status == "FINISHED" and parent.data.params["n_trials"] == "6"
     assert {r.data.tags[record.PARENT_RUN_ID] for r in children} == {parent.info.run_id}
     assert {r.data.params["method"] for r in children} == {"full", "lora"}
-    assert sorted(r.data.params.get("r") for r in children if r.data.params["method"] == "lora") == ["4", "8"]
+    assert sorted(r.data.params.get("r") for r in children if r.data.params["method"] == "lora") == ["4", "4", "8", "8"]
+    assert sorted(r.data.params["seed"] for r in children) == ["0", "0", "0", "1", "1", "1"]
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags[record.STATUS] == "ok"
         assert r.data.params["sweep_id"] == parent.data.tags[record.SWEEP_ID]
@@ -54,13 +55,21 @@ def test_sweep_report_promote(tiny_bert, store, capsys):
     report_md = capsys.readouterr().out
     assert "full-lr0.0001" in report_md and "lora-r4-a8" in report_md and "lora-r8-a16" in report_md
     logged = {f.path for f in c.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/pareto.png", "report/report.json"} <= logged
+    assert {"report/report.md", "report/report.html", "report/pareto.png", "report/report.json",
+            "report/heatmap_rank_modules.png"} <= logged
+    assert "±" in report_md  # two seeds: every mean carries its confidence interval
     data = json.loads((next(store["dir"].glob("reports/*/report.json"))).read_text())
     full = next(a for a in data["arms"] if a["method"] == "full")
     assert full["test_delta_pts"] == 0 and full["peak_mem_gb_ratio"] == pytest.approx(1.0)
     for arm in data["arms"]:
-        run = next(t for t in data["trials"] if t["arm"] == arm["arm"])
-        assert arm["test_mean"] == pytest.approx(100 * run["test_accuracy"])
+        runs = [t for t in data["trials"] if t["arm"] == arm["arm"]]
+        assert len(runs) == arm["runs_ok"] == 2
+        assert arm["test_mean"] == pytest.approx(100 * sum(t["test_accuracy"] for t in runs) / 2)
+        assert arm["test_ci95"] > 0 or runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
+    # --format json prints the same payload for scripts
+    assert main(["report", f"tracking.uri={store['uri']}", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["arms"] == data["arms"] and printed["sweep_id"] == parent.data.tags[record.SWEEP_ID]
 
     # the gate: a winner further below full FT than max_delta is refused and no alias is set
     assert main(["promote", f"tracking.uri={store['uri']}", "--max-delta", "-1000"]) == 1
@@ -79,6 +88,26 @@ def test_sweep_report_promote(tiny_bert, store, capsys):
     assert float(version.tags["test_accuracy"]) == pytest.approx(winner.data.metrics["test_accuracy"])
     reproduced = float(version.tags["reload_check"].split("=")[1])
     assert abs(reproduced - winner.data.metrics["test_accuracy"]) * 100 <= 0.5
+    # the exact base: a content hash of the tiny model's weights, as sha256 computes it here
+    import hashlib
+    from pathlib import Path
+
+    weights = Path(tiny_bert, "model.safetensors")
+    expected = hashlib.sha256(f"model.safetensors:{hashlib.sha256(weights.read_bytes()).hexdigest()}\n".encode())
+    assert version.tags["base_model_sha256"] == expected.hexdigest() and version.tags["base_model"] == tiny_bert
+    assert version.tags["quantization"] == "none" and "peftsweep report" in version.description
+    files = {f.path for f in c.list_artifacts(version.run_id, "pyfunc_model/artifacts/adapter")}
+    assert {"pyfunc_model/artifacts/adapter/adapter_model.safetensors",
+            "pyfunc_model/artifacts/adapter/base_model.json",
+            "pyfunc_model/artifacts/adapter/README.md"} <= files
+    assert not any("model.safetensors" == Path(f).name for f in files)  # the adapter only, never the base
+
+    # a second promotion by another rule adds version 2 and moves the alias; version 1 stays
+    assert main(["promote", f"tracking.uri={store['uri']}", "--rule", "cheapest_within", "--within-points",
+                 "100"]) == 0
+    capsys.readouterr()
+    assert str(c.get_model_version_by_alias("rotten_tomatoes-tiny-bert", "champion").version) == "2"
+    assert c.get_model_version("rotten_tomatoes-tiny-bert", "1").run_id == version.run_id
 
     _champion_serves_like_direct_inference(store, c, winner)
 
@@ -239,3 +268,22 @@ def test_random_and_optuna_searchers_sample_the_space(tiny_bert, store, searcher
     assert len(children) == samples and all(r.data.tags[record.STATUS] == "ok" for r in children)
     lrs = [float(r.data.params["lr"]) for r in children]
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == samples
+
+
+def test_a_qlora_champion_reloads_quantized_and_reports_merge_damage(tiny_bert, store, capsys):
+    """An adapter trained on an nf4 base is registered as trained (the registry reloads it onto the nf4 base
+    and reproduces its metric) and is also scored merged into the full-precision base."""
+    _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]", "quant=nf4",
+                   "train.max_steps=3", *tiny_overrides(tiny_bert, store)])
+    c, _, [child] = _runs(store)
+    assert child.data.params["quantization"] == "nf4" and child.data.tags[record.STATUS] == "ok"
+    assert main(["promote", f"tracking.uri={store['uri']}"]) == 0
+    out = capsys.readouterr().out
+    assert "Merged into the full-precision base" in out
+    version = c.get_model_version_by_alias("rotten_tomatoes-tiny-bert", "champion")
+    assert version.tags["quantization"] == "nf4"
+    merged = float(version.tags["merged_fp_test_accuracy"])
+    logged = child.data.metrics["test_accuracy"]
+    assert float(version.tags["merge_damage_pts"]) == pytest.approx(round(100 * (logged - merged), 2))
+    assert c.get_run(child.info.run_id).data.metrics["merged_fp_test_accuracy"] == pytest.approx(merged)
+    assert abs(float(version.tags["reload_check"].split("=")[1]) - logged) * 100 <= 0.5

@@ -154,3 +154,41 @@ def test_oom_at_every_size_gives_up_and_propagates(tiny_bert, store):
     runs = c.search_runs([c.get_experiment_by_name("peftsweep").experiment_id])
     assert sorted(int(r.data.params["batch_size"]) for r in runs) == [2, 4, 8]
     assert all(r.data.tags[record.STATUS] == "oom" for r in runs)
+
+
+def test_flops_are_counted_lora_aware(tiny_bert, store):
+    """Same data, same batches: full FT pays 6 FLOPs per matmul weight and token, LoRA 4 per frozen weight
+    and 6 per trained one. Tiny BERT's matmul weights: 2 x (4·32·32 + 2·32·64) + pooler 32·32 + head 32·2
+    = 17,472; LoRA r=4 on q,v adds 2 x 2 x 2·4·32 = 1,024 and trains a copy of the head (64), whose
+    frozen original stays counted: 6·17,472 - (4·17,472 + 6·1,088) = 28,416."""
+    full = run_trial(_cfg(tiny_bert, store, name="full"))
+    lora = run_trial(_cfg(tiny_bert, store, r=4, alpha=8, target_modules="attention_qv"))
+    assert full[record.FLOPS_PER_TOKEN] - lora[record.FLOPS_PER_TOKEN] == pytest.approx(28_416)
+    for out in (full, lora):
+        assert out[record.TRAIN_TFLOPS_PER_S] == pytest.approx(out[record.TOKENS_PER_S] * out[record.FLOPS_PER_TOKEN] / 1e12)
+        assert record.MFU not in out  # no agreed CPU peak: left out, not guessed
+    run = MlflowClient(store["uri"]).get_run(lora["mlflow_run_id"])
+    assert run.data.metrics[record.FLOPS_PER_TOKEN] == pytest.approx(lora[record.FLOPS_PER_TOKEN])
+    assert run.data.params["precision"] == "auto" and run.data.params["gradient_checkpointing"] == "False"
+
+
+def test_gradient_checkpointing_recomputes_and_changes_no_result(tiny_bert, store, monkeypatch):
+    import transformers.modeling_utils as ckpt  # where transformers takes torch's checkpoint from
+
+    calls = []
+    real = ckpt.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    plain = run_trial(_cfg(tiny_bert, store, r=4, alpha=8, dropout=0.1))
+    assert not calls
+    monkeypatch.setattr(ckpt, "checkpoint", counting)  # a spy: the real function still runs
+    cfg = _cfg(tiny_bert, store, r=4, alpha=8, dropout=0.1)
+    cfg.train.gradient_checkpointing = True
+    checkpointed = run_trial(cfg)
+    assert len(calls) >= 2 * 4  # every layer, every step
+    # recomputation replays the same dropout masks: the same training, bit for bit up to float noise
+    assert checkpointed[record.TRAIN_LOSS] == pytest.approx(plain[record.TRAIN_LOSS], rel=1e-5)
+    assert checkpointed["test_accuracy"] == plain["test_accuracy"]

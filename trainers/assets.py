@@ -19,6 +19,9 @@ def resolve(ref: str) -> str:
         return os.path.expanduser(ref)
     package, _, sub = ref[len("pkg://"):].partition("/")
     spec = importlib.util.find_spec(package)
+    mirror = os.environ.get("PEFTSWEEP_ASSET_MIRROR")  # <mirror>/<package>/<sub>: the files alone, no wheel
+    if spec is None and mirror and os.path.exists(os.path.join(mirror, package, sub)):
+        return os.path.join(mirror, package, sub)
     if spec is None:
         raise ConfigError(f"{ref}: Python package {package!r} is not installed")
     root = (list(spec.submodule_search_locations)[0] if spec.submodule_search_locations
@@ -67,3 +70,53 @@ def materialized_model_dir(model: ModelConfig, build) -> str:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of one file, cached by (path, size, mtime): a 15 GB base is hashed once per machine."""
+    import json
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = cache_root() / "sha256.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    return known[key]
+
+
+def base_model_reference(model: ModelConfig) -> dict:
+    """What exactly an adapter was trained on: the reference as configured, plus a content hash of the
+    weight files for a local base, or the pinned revision for a hub id (None: unpinned, a warning sign)."""
+    ref = {"path": model.path, "gguf_file": model.gguf_file, "revision": model.revision, "sha256": None}
+    source = model_source(model)
+    if not os.path.exists(source):  # a hub id
+        if not model.revision:
+            try:
+                from huggingface_hub import HfApi
+
+                ref["revision"] = HfApi().model_info(source).sha
+            except Exception:  # noqa: BLE001 - offline or private: stays unpinned
+                pass
+        return ref
+    root = Path(source)
+    files = ([root / model.gguf_file] if model.gguf_file else
+             sorted(f for f in root.iterdir() if f.suffix in WEIGHT_SUFFIXES) if root.is_dir() else [root])
+    if not files:
+        raise ConfigError(f"model.path {model.path!r}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {root}")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}:{_sha256_cached(f)}\n".encode())
+    ref["sha256"] = digest.hexdigest()
+    return ref

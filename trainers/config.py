@@ -31,6 +31,8 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision; pin it for reproducible sweeps
     # Executes code from the model repo: off unless you have read that code.
     trust_remote_code: bool = False
+    # null: the library's default (PyTorch SDPA where the architecture has it); eager | sdpa | flash_attention_2
+    attn_implementation: Optional[str] = None
 
 
 @dataclass
@@ -139,6 +141,11 @@ class TrainConfig:
     # On out-of-memory, retry with half the micro-batch and twice the accumulation (same effective batch),
     # at most this many times; each attempt is its own MLflow run.
     oom_retries: int = 3
+    # Autocast on CUDA: auto = bf16 where the GPU has it, else fp16 (with loss scaling); fp32 = off.
+    # CPU always trains in fp32. Master weights and adapters stay fp32 either way.
+    precision: str = "auto"
+    # Recompute activations in backward: activation memory ~1/layers of the usual, ~30 % more step time.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+(:bs>\d+)?", str(self.inject_fault)):
@@ -149,6 +156,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.precision!r} is not auto, fp32, bf16 or fp16")
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
 

@@ -2,17 +2,49 @@
 model and score a split exactly as the trial did."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
-from trainers import data, record
-from trainers.config import TrialConfig, load_trial_config
+from trainers import data, loop, quantization, record
+from trainers.assets import base_model_reference
+from trainers.config import ConfigError, QuantConfig, TrialConfig, load_trial_config
 from trainers.model import load_model, load_tokenizer
 from trainers.trial import _evaluate, pick_device
 
+BASE_MODEL_FILE = "base_model.json"  # written beside a promoted adapter: the base it needs, hashed
 
-def load_trained(weights_dir: str, device: str = "auto"):
-    """(model, tokenizer, trial config) from a saved adapter (or full-FT model) folder."""
+
+def write_base_reference(weights_dir: str) -> dict:
+    """Record the exact base model of the adapter in `weights_dir` (see assets.base_model_reference)."""
     cfg = load_trial_config(str(Path(weights_dir) / record.TRIAL_CONFIG_FILE))
+    ref = base_model_reference(cfg.model)
+    (Path(weights_dir) / BASE_MODEL_FILE).write_text(json.dumps(ref, indent=1))
+    return ref
+
+
+def check_base_reference(weights_dir: str, cfg: TrialConfig) -> None:
+    """Refuse to put an adapter on a base whose weights differ from the one it was trained on: it would
+    load without error and predict nonsense (mlflow#22020: a silently random base)."""
+    path = Path(weights_dir) / BASE_MODEL_FILE
+    if not path.exists():
+        return
+    expected = json.loads(path.read_text())
+    found = base_model_reference(cfg.model)
+    for key in ("sha256", "revision"):
+        if expected.get(key) and found.get(key) and expected[key] != found[key]:
+            raise ConfigError(f"base model {cfg.model.path!r} has {key} {found[key][:16]}…, but the adapter was "
+                              f"trained on {expected[key][:16]}…: refusing to load it onto a different base")
+
+
+def load_trained(weights_dir: str, device: str = "auto", base_quant: str | None = None, merge: bool = False):
+    """(model, tokenizer, trial config) from a saved adapter (or full-FT model) folder.
+    `base_quant` loads the base another way than it was trained (e.g. "none": full precision, to measure
+    merge damage of a QLoRA adapter); `merge` folds the adapter into the base weights."""
+    cfg = load_trial_config(str(Path(weights_dir) / record.TRIAL_CONFIG_FILE))
+    if base_quant is not None:
+        cfg = dataclasses.replace(cfg, quant=QuantConfig(mode=base_quant, compute_dtype=cfg.quant.compute_dtype))
+    check_base_reference(weights_dir, cfg)
     device = pick_device(device)
     tokenizer = load_tokenizer(cfg)
     if cfg.method.is_adapter:
@@ -20,6 +52,10 @@ def load_trained(weights_dir: str, device: str = "auto"):
 
         base = load_model(cfg, len(cfg.task.labels), tokenizer, device)
         model = PeftModel.from_pretrained(base, weights_dir)
+        if merge:
+            model = model.merge_and_unload()
+        if device == "cpu":  # the trial scored through the same layers (bitsandbytes' CPU fast path is off)
+            quantization.patch_cpu_layers(model)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -40,10 +76,19 @@ def score_split(model, tokenizer, cfg: TrialConfig, split: str = "test", device:
 
 
 def predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str = "auto") -> list[str]:
-    """Label names for raw texts (classification tasks)."""
+    """Label names for raw texts: the classifier's argmax, or for a causal LM the label whose answer is
+    most likely after the task's prompt (the same scoring the trial evaluated with)."""
     import torch
 
     device = pick_device(device)
+    if cfg.task.type != "classification":
+        rows = []
+        for text in texts:
+            ids = tokenizer(cfg.task.prompt_template.format(text=text), truncation=True,
+                            max_length=cfg.task.max_length)["input_ids"]
+            rows.append({"input_ids": ids, "prompt_len": len(ids), "class_label": 0})
+        preds, _, _ = loop.predict_by_likelihood(model, rows, tokenizer, list(cfg.task.labels), device, 16)
+        return [cfg.task.labels[p] for p in preds]
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), 64):

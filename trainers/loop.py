@@ -38,11 +38,14 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
     warmup = int(steps * train_cfg.warmup_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-                if device.startswith("cuda") else torch.autocast("cpu", enabled=False))
+    dtype = autocast_dtype(device, train_cfg.precision)
+    autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype,
+                              enabled=dtype is not None)
+    # fp16 underflows small gradients: scale the loss up, unscale before clipping
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     model.train()
-    step, tokens, losses, window = 0, 0, [], []
+    step, tokens, sequences, losses, window = 0, 0, 0, [], []
     check_grads = True  # at the first step and after every evaluation pass
     started = time.perf_counter()
     while step < steps:
@@ -52,16 +55,19 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             batch = _to({k: v for k, v in batch.items() if k not in ("prompt_len", "class_label")}, device)
             with autocast:
                 loss = model(**batch).loss / train_cfg.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             tokens += int(batch["attention_mask"].sum())
+            sequences += int(batch["attention_mask"].shape[0])
             window.append(loss.item() * train_cfg.grad_accum)
             if (micro + 1) % train_cfg.grad_accum:
                 continue
             if check_grads:
                 _assert_gradients(model)
                 check_grads = False
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -75,7 +81,17 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
                 break
     elapsed = time.perf_counter() - started
     return {"train_loss": sum(losses) / max(1, len(losses)), "steps": step, "tokens": tokens,
-            "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+            "sequences": sequences, "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "precision": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
+
+
+def autocast_dtype(device: str, precision: str):
+    """The autocast dtype for `train.precision` on `device`; None means plain fp32."""
+    if not device.startswith("cuda") or precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 def _assert_gradients(model) -> None:

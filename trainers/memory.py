@@ -36,3 +36,23 @@ def device_name(device: str) -> str:
     import platform
 
     return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def nvml_process_gb(device: str) -> dict[str, float]:
+    """This process's GPU memory as the driver reports it (allocator pool + CUDA context + libraries), the
+    figure nvidia-smi shows and that decides whether a neighbour's trial fits. Empty on CPU, or when NVML
+    is unavailable (no pynvml, or a container that hides other processes)."""
+    if not device.startswith("cuda"):
+        return {}
+    try:
+        import os
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == os.getpid() and p.usedGpuMemory is not None]
+        return {"vram_nvml_gb": used[0] / GB} if used else {}  # record.PEAK_VRAM_NVML_GB
+    except Exception:  # noqa: BLE001 - optional figure
+        return {}

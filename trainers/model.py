@@ -16,6 +16,11 @@ def _common_kwargs(cfg: TrialConfig) -> dict:
     return kwargs
 
 
+def _weights_kwargs(cfg: TrialConfig) -> dict:
+    """Loading options that only apply when weights are built (not to tokenizers or configs)."""
+    return {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+
+
 def _resave(source: str, cfg: TrialConfig, dest: str) -> None:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +76,7 @@ def load_model(cfg: TrialConfig, num_labels: int, tokenizer, device: str):
     hf_logging.disable_progress_bar()
 
     source, extra = model_dir(cfg)
-    kwargs = {**_common_kwargs(cfg), **extra}
+    kwargs = {**_common_kwargs(cfg), **_weights_kwargs(cfg), **extra}
     qconf = quantization.bnb_config(cfg.quant)
     if qconf is not None:
         kwargs["quantization_config"] = qconf

@@ -17,8 +17,8 @@ RAY_NODE = "peftsweep.ray_node"  # the Ray node that ran the trial (set by the s
 RAY_TRIAL_ID = "peftsweep.ray_trial_id"
 CUDA_VISIBLE_DEVICES = "peftsweep.cuda_visible_devices"
 GPU_SHARE = "peftsweep.gpu_share"
-TRIAL_KEY = "peftsweep.trial_key"
-OOM_RETRY = "peftsweep.oom_retry"  # n-th retry after out-of-memory (half micro-batch, double accumulation)  # hash of the resolved trial config: finds a finished twin on --resume
+TRIAL_KEY = "peftsweep.trial_key"  # hash of the resolved trial config: finds a finished twin on --resume
+OOM_RETRY = "peftsweep.oom_retry"  # n-th retry after out-of-memory (half micro-batch, double accumulation)
 VERSION_TAG_PREFIX = "peftsweep.version."  # + library name
 PARENT_RUN_ID = "mlflow.parentRunId"
 
@@ -41,6 +41,10 @@ TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 TRAINABLE_PCT = "trainable_pct"
 ADAPTER_MB = "adapter_mb"
+FLOPS_PER_TOKEN = "flops_per_token"  # training FLOPs, LoRA-aware (trainers/flops.py)
+TRAIN_TFLOPS_PER_S = "train_tflops_per_s"  # achieved model FLOP/s during training
+MFU = "mfu"  # fraction of the device's dense peak (CUDA only)
+PEAK_VRAM_NVML_GB = "vram_nvml_gb"  # the process's GPU memory as the driver sees it (allocator + CUDA context)
 TRAIN_LOSS = "train_loss"
 STEP = "step"
 

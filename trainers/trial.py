@@ -119,6 +119,25 @@ def _evaluate(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str)
     return {record.metric_key(prefix, k): v for k, v in scores.items()}
 
 
+def throughput(net, stats: dict, device: str) -> dict:
+    """Model FLOPs per token (LoRA-aware: a frozen weight costs 4, a trained one 6), achieved TFLOP/s,
+    and MFU against the device's dense peak for the precision trained in (CUDA only: CPUs have no
+    agreed peak, so their MFU is left out rather than guessed)."""
+    from trainers.estimate import shape_of
+    from trainers.flops import matmul_param_counts, mfu, peak_flops_for_device, transformer_flops_per_token
+
+    frozen, trainable = matmul_param_counts(net)
+    hidden, layers, _ = shape_of(net.config)
+    seq = stats["tokens"] / max(1, stats["sequences"])
+    per_token = transformer_flops_per_token(frozen, trainable, layers, int(round(seq)), hidden,
+                                            full_finetune=frozen == 0)
+    out = {record.FLOPS_PER_TOKEN: per_token, record.TRAIN_TFLOPS_PER_S: stats["tokens_per_s"] * per_token / 1e12}
+    peak = peak_flops_for_device(memory.device_name(device), stats["precision"]) if device.startswith("cuda") else None
+    if peak:
+        out[record.MFU] = mfu(stats["tokens_per_s"], per_token, peak)
+    return out
+
+
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1024 ** 2
 
@@ -143,9 +162,14 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         splits = data.load_splits(cfg.task)
         tokenizer = load_tokenizer(cfg)
 
-        # 2. base model, quantized or not
+        # 2. base model, quantized or not; activation checkpointing trades step time for memory
         net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
         net = quantization.prepare_for_training(net, cfg.quant)
+        if cfg.train.gradient_checkpointing:
+            # non-reentrant: works with a frozen base, no need to make the inputs require grad
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(net.config, "use_cache"):
+                net.config.use_cache = False
 
         # 3. method: adapters on resolved modules, or every weight for full fine-tuning
         targets = resolve_target_modules(net, cfg.method.target_modules) if cfg.method.is_adapter else []
@@ -154,7 +178,9 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             quantization.patch_cpu_layers(net)
         trainable, total = parameter_counts(net)
         run.log_params({"target_modules_resolved": summarize(targets) or "all", "n_target_modules": len(targets),
-                        "num_threads": torch.get_num_threads()})
+                        "num_threads": torch.get_num_threads(), "precision": cfg.train.precision,
+                        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                        "attn_implementation": getattr(net.config, "_attn_implementation", None)})
 
         # 4. tokenize
         if cfg.task.type == "classification":
@@ -177,6 +203,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval,
                            fault_hook=fault_hook or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
         train_peaks = memory.cuda_peaks(device)
+        driver_view = memory.nvml_process_gb(device)  # read before eval frees or grows the pool
+        speed = throughput(net, stats, device)
 
         # 6. evaluate: validation selects, test reports
         memory.reset_cuda_peak(device)
@@ -199,10 +227,10 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         results = {
             **scores, record.TRAIN_LOSS: stats["train_loss"], record.STEP: stats["steps"],
             record.TRAIN_TIME_S: stats["train_time_s"], record.EVAL_TIME_S: eval_time,
-            record.TOKENS_PER_S: stats["tokens_per_s"], record.TRAINABLE_PARAMS: trainable,
+            record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
             record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
             record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
-            **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks},
+            **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks}, **driver_view,
             **{f"train_{k}": v for k, v in train_peaks.items()}, **{f"eval_{k}": v for k, v in eval_peaks.items()},
             record.WALL_TIME_S: time.perf_counter() - wall_start,
         }

@@ -1,0 +1,115 @@
+"""The report's statistics and the promotion rules, on trial tables shaped like `evaluation.runs.trial_table`
+returns (the end-to-end tests run the same code on real sweeps)."""
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from evaluation import plots
+from evaluation.promote import PromotionRefused, choose
+from evaluation.report import arm_table, ci95, delta_ci95, markdown, pareto_mask
+
+
+def _run(arm, method, seed, test, val, mem, r=None, modules="attention_qv", status="ok", train_s=10.0,
+         params=1000, wall=12.0, error=""):
+    return {"arm": arm, "method": method, "seed": seed, "status": status, "r": r, "alpha": 2 * r if r else None,
+            "target_modules": modules, "quantization": "none", "lr": 1e-3, "test_accuracy": test,
+            "val_accuracy": val, "peak_host_rss_gb": mem, "train_time_s": train_s, "trainable_params": params,
+            "trainable_pct": params / 1e5, "adapter_mb": params * 4 / 2 ** 20, "tokens_per_s": 100.0,
+            "wall_time_s": wall, "error": error, "pruned_at_step": "", "gpu_share": None}
+
+
+FULL = [_run("full", "full", s, t, v, 1.4, params=100_000, train_s=50, wall=60)
+        for s, t, v in ((0, .80, .79), (1, .78, .78), (2, .79, .80))]
+# a: close to full, paired deltas -1.0, -0.5, -1.5 points
+A = [_run("lora-r16", "lora", s, t, v, 1.2, r=16, modules="all_linear", params=600)
+     for s, t, v in ((0, .79, .79), (1, .775, .78), (2, .775, .795))]
+# b: cheaper, further away
+B = [_run("lora-r4", "lora", s, t, v, 1.1, r=4, params=300) for s, t, v in ((0, .70, .71), (1, .72, .73), (2, .71, .72))]
+# c: below full FT and needing more memory than it, and one seed ran out of memory
+C = [_run("lora-r8", "lora", 0, .79, .79, 1.5, r=8, modules="all_linear", params=400),
+     _run("lora-r8", "lora", 1, .78, .78, 1.5, r=8, modules="all_linear", params=400),
+     _run("lora-r8", "lora", 2, float("nan"), float("nan"), float("nan"), r=8, modules="all_linear", status="oom",
+          error="OutOfMemoryError: injected")]
+
+
+def _trials(*groups):
+    return pd.DataFrame([row for g in groups for row in g])
+
+
+def test_ci95_is_the_student_t_interval():
+    values = [0.1, 0.4, 0.35, 0.2, 0.3]
+    n = len(values)
+    sd = pd.Series(values).std(ddof=1)
+    assert ci95(values) == pytest.approx(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n), rel=1e-3)
+    assert math.isnan(ci95([0.5]))
+
+
+def test_delta_ci_is_paired_by_seed_when_seeds_match():
+    arm, base = {0: 79.0, 1: 77.5, 2: 77.5}, {0: 80.0, 1: 78.0, 2: 79.0}
+    diffs = [-1.0, -0.5, -1.5]
+    assert delta_ci95(arm, base) == pytest.approx(ci95(diffs))
+    # pairing removes the shared seed effect: narrower than treating the samples as independent
+    unpaired = delta_ci95({10: 79.0, 11: 77.5, 12: 77.5}, base)
+    assert unpaired > delta_ci95(arm, base)
+
+
+def test_arm_table_compares_every_arm_with_full_ft():
+    table = arm_table(_trials(FULL, A, B, C), "accuracy").set_index("arm")
+    assert list(table.index)[0] == "full"  # the baseline heads the table
+    assert table.loc["full", "test_mean"] == pytest.approx(79.0)
+    assert table.loc["lora-r16", "test_delta_pts"] == pytest.approx(-1.0)
+    assert table.loc["lora-r16", "test_delta_ci95"] == pytest.approx(ci95([-1.0, -0.5, -1.5]))
+    assert table.loc["lora-r16", "peak_mem_gb_ratio"] == pytest.approx(1.2 / 1.4)
+    assert table.loc["lora-r16", "train_time_s_ratio"] == pytest.approx(10 / 50)
+    assert table.loc["lora-r16", "device_hours"] == pytest.approx(3 * 12 / 3600)
+    # the OOM seed is counted, not averaged in
+    assert table.loc["lora-r8", "runs_ok"] == 2 and table.loc["lora-r8", "runs"] == 3
+    assert table.loc["lora-r8", "test_mean"] == pytest.approx(78.5)
+    assert "oom" in table.loc["lora-r8", "statuses"]
+    # frontier on memory: r4 (cheapest), r16 (better than r4, cheaper than full), full (best);
+    # r8 is beaten by full FT on both
+    assert table["pareto"].to_dict() == {"full": True, "lora-r16": True, "lora-r8": False, "lora-r4": True}
+
+
+def test_pareto_mask_handles_ties_and_missing_values():
+    assert pareto_mask([1, 1, 2, float("nan")], [1, 1, 3, 0]) == [True, True, True, False]
+    assert pareto_mask([1, 2], [2, 1]) == [False, True]
+
+
+def test_markdown_lists_runs_that_did_not_finish(tmp_path):
+    trials = _trials(FULL, A, C)
+    md = markdown(arm_table(trials, "accuracy"), trials, "accuracy", "s1")
+    assert "Runs that did not finish ok (1 of 9)" in md
+    assert "| lora-r8 | 2 | oom | OutOfMemoryError: injected |" in md
+    assert "-1.00 ± " in md  # delta with its CI
+
+
+def test_plots_and_heatmap_are_written(tmp_path):
+    table = arm_table(_trials(FULL, A, B, C), "accuracy")
+    png = plots.pareto_png(table, "accuracy", tmp_path / "p.png")
+    heat = plots.rank_modules_heatmap(table, "accuracy", tmp_path / "h.png")
+    for f in (png, heat):
+        assert f.read_bytes()[:4] == b"\x89PNG" and f.stat().st_size > 10_000
+    # one rank and one module set: nothing to lay out
+    assert plots.rank_modules_heatmap(arm_table(_trials(FULL, B), "accuracy"), "accuracy", tmp_path / "x.png") is None
+
+
+def test_promotion_rules_pick_by_validation():
+    trials = _trials(FULL, A, B, C)
+    best = choose(trials, "accuracy", "best")
+    assert best.arm["arm"] == "lora-r16" and best.run["seed"] == 2  # its best validation seed
+    # within 1 pt of full FT's val (79.0): r16 (78.83) and r8 (78.5); r16 is cheaper
+    assert choose(trials, "accuracy", "cheapest_within", within_points=1.0).arm["arm"] == "lora-r16"
+    # within 10 pts the cheapest is r4
+    assert choose(trials, "accuracy", "cheapest_within", within_points=10).arm["arm"] == "lora-r4"
+    assert choose(trials, "accuracy", "best_under_budget", memory_budget_gb=1.15).arm["arm"] == "lora-r4"
+    with pytest.raises(PromotionRefused, match="fits 1.0 GB"):
+        choose(trials, "accuracy", "best_under_budget", memory_budget_gb=1.0)
+    with pytest.raises(PromotionRefused, match="within 0.1 pts"):
+        choose(trials, "accuracy", "cheapest_within", within_points=0.1)
+    with pytest.raises(PromotionRefused, match="needs a full fine-tuning arm"):
+        choose(_trials(A, B), "accuracy", "cheapest_within")
+    with pytest.raises(PromotionRefused, match="no adapter arm finished ok"):
+        choose(_trials(FULL), "accuracy", "best")
