@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.peftsweep-installed
 
-.PHONY: install system-deps demo test test-all bench bench-memory ui clean
+.PHONY: install system-deps demo test test-all bench bench-memory bench-packing ui clean
 
 install: $(STAMP)
 
@@ -44,12 +44,17 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/asha_vs_fifo.py
 	$(PY) bench/faults.py
+	$(PY) bench/packing.py
 	$(PY) bench/gpu_table.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
 	  --sizes $$($(PY) -c "import torch; print('135m,1b' if torch.cuda.is_available() else 'tiny')")
 
 # Predicted vs measured peak memory of the newest sweep in ./mlflow.db (run after `make demo`).
 bench-memory: install
 	$(PY) bench/memory_estimate.py
+
+# GPU-pool scheduling on 4 logical GPUs: packed by predicted memory vs one trial per GPU.
+bench-packing: install
+	$(PY) bench/packing.py
 
 ui: install
 	$(VENV)/bin/peftsweep ui

@@ -115,16 +115,35 @@ def grid_points(dims: list[Dim]) -> list[dict]:
     return [dict(zip([d.key for d in grid], combo)) for combo in itertools.product(*values)]
 
 
+# Keys a method does not read: grid points differing only there are one configuration, trained once.
+_UNUSED = {"ia3": ("r", "alpha", "init_lora_weights"), "full": ("r", "alpha", "init_lora_weights", "dropout",
+                                                                   "target_modules")}
+
+
+def _effective(trial: dict) -> str:
+    import json
+
+    method = {k: v for k, v in trial["method"].items() if k not in _UNUSED.get(trial["method"]["name"], ())}
+    return json.dumps({**trial, "method": method}, sort_keys=True, default=str)
+
+
 def arms(search, base: dict) -> list[dict]:
     """Dotted overrides of every arm (seed excluded), the full-FT baseline first: it is the longest
-    trial, so starting it first shortens the sweep's makespan."""
+    trial, so starting it first shortens the sweep's makespan. Grid points that resolve to the same
+    configuration (IA3 at r=8 and r=16: it has no rank) are kept once."""
     dims = flatten(search.space)
     check(dims, base)
-    adapter_arms = [dict(p, __arm__="adapter") for p in grid_points(dims)]
-    baseline = []
+    candidates = [dict(p, __arm__="adapter") for p in grid_points(dims)]
     if search.full_ft_arm:
-        baseline = [dict(flatten_values(search.baseline), __arm__="baseline")]
-    return baseline + adapter_arms
+        candidates.insert(0, dict(flatten_values(search.baseline), __arm__="baseline"))
+    sampled = {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
+    seen, out = set(), []
+    for arm in candidates:
+        key = _effective(resolve_trial(base, search, arm, search.seeds[0], sampled))
+        if key not in seen:
+            seen.add(key)
+            out.append(arm)
+    return out
 
 
 def flatten_values(tree: dict, prefix: str = "") -> dict:

@@ -87,3 +87,25 @@ def test_presets_resolve_to_the_family_names(family, preset):
     assert kinds == KINDS[(family, preset)], names
     assert not any(n.split(".")[-1] in ("lm_head", "classifier", "score") for n in names)
     assert len(names) == 2 * len(KINDS[(family, preset)])  # two layers
+
+
+def test_the_packaged_gguf_model_becomes_a_plain_checkpoint(tmp_path, monkeypatch):
+    """SmolLM2 ships as GGUF; trials load a dequantized safetensors copy made once. That copy must not
+    still call itself gguf-quantized: full FT could not save it and bitsandbytes would refuse to quantize it."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from trainers.model import model_dir
+
+    monkeypatch.setenv("PEFTSWEEP_CACHE", str(tmp_path / "cache"))
+    cfg = load(["model=smollm2_135m", "task=rotten_tomatoes_sft"]).trial
+    folder, _ = model_dir(cfg)
+    assert Path(folder).is_relative_to(tmp_path) and any(Path(folder).glob("*.safetensors"))
+    assert "quantization_config" not in json.loads((Path(folder) / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)  # what a full-FT trial ships
+    assert (tmp_path / "saved" / "model.safetensors").exists()

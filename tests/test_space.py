@@ -76,3 +76,14 @@ def test_sampled_domain_reaches_the_trial():
     assert len(lrs) == 6 and all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) > 1
     for v in lrs:
         trial_config_from_dict({**base, "train": {**base["train"], "lr": v}})
+
+
+def test_grid_points_that_are_one_configuration_train_once():
+    """IA3 reads no rank: method x r crosses to 2 LoRA arms and 1 IA3 arm, not 2."""
+    s = SearchConfig(space={"method": {"name": ["lora", "ia3"], "r": [8, 16],
+                                       "alpha": {"derive": "2 * method.r"}}}, full_ft_arm=False, seeds=[0, 1])
+    trials = space.expand(s, _base())
+    assert sorted((t["method"]["name"], t["method"]["r"]) for t in trials if t["train"]["seed"] == 0) == \
+        [("ia3", 8), ("lora", 8), ("lora", 16)]
+    assert len(trials) == 3 * 2
+    assert len(space.labelled_arms(s, _base())) == 3

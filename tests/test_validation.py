@@ -52,6 +52,12 @@ CASES = [
     (["+model.token=abc"], "unknown key model.token"),
     (["method=full", "quant=nf4", "search.full_ft_arm=false", "search.space.method.r=[4]"],
      "full fine-tuning cannot train quantized weights"),
+    (["method.init_lora_weights=kaiming"], "method.init_lora_weights='kaiming' is not true, false, gaussian"),
+    (["train.precision=fp8"], "train.precision='fp8' is not auto, fp32, bf16 or fp16"),
+    (["model.dtype=int8"], "model.dtype='int8' is not auto, float32, bfloat16 or float16"),
+    (["promote.rule=fastest"], "promote.rule='fastest' is not one of best, cheapest_within, best_under_budget"),
+    (["promote.rule=best_under_budget"], "promote.rule=best_under_budget needs promote.memory_budget_gb > 0"),
+    (["promote.cost=dollars"], "promote.cost='dollars' is not peak_mem or device_hours"),
 ]
 
 

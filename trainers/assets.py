@@ -55,7 +55,8 @@ def materialized_model_dir(model: ModelConfig, build) -> str:
     re-saved copy (DESIGN.md gotcha 3); `build(dest_dir)` writes the copy. A file lock keeps two trials
     from writing it at once; the rename makes a half-written copy invisible.
     """
-    key = hashlib.sha256(f"{model.path}|{model.gguf_file}|{model.revision}".encode()).hexdigest()[:16]
+    # v2: copies made before the gguf quantization_config was dropped from config.json are rebuilt
+    key = hashlib.sha256(f"v2|{model.path}|{model.gguf_file}|{model.revision}".encode()).hexdigest()[:16]
     dest = cache_root() / "models" / f"{Path(model.path).name or 'model'}-{key}"
     if (dest / "config.json").exists():
         return str(dest)

@@ -33,6 +33,14 @@ class ModelConfig:
     trust_remote_code: bool = False
     # null: the library's default (PyTorch SDPA where the architecture has it); eager | sdpa | flash_attention_2
     attn_implementation: Optional[str] = None
+    # Storage dtype of the base weights. auto: bfloat16 (float16 without bf16) for a frozen, unquantized
+    # base on CUDA — half the weight memory, and frozen weights need no fp32 master copy — else float32.
+    # Trainable weights (adapters, heads, full FT) are always kept in float32.
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype={self.dtype!r} is not auto, float32, bfloat16 or float16")
 
 
 @dataclass
@@ -91,6 +99,11 @@ class MethodConfig:
                 raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq")
+                or re.fullmatch(r"pissa_niter_\d+", str(init))):
+            raise ConfigError(f"method.init_lora_weights={init!r} is not true, false, gaussian, pissa, "
+                              "pissa_niter_<n>, olora or loftq")
         if isinstance(self.target_modules, str):
             if self.target_modules not in MODULE_PRESETS:
                 raise ConfigError(

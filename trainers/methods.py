@@ -30,6 +30,19 @@ def apply_method(model, method: MethodConfig, target_names: list[str], task_type
     return get_peft_model(model, config)
 
 
+def upcast_trainable(model) -> int:
+    """Trainable weights in float32 whatever the base is stored in: AdamW updates of ~1e-4 vanish in bf16.
+    Autocast runs the matmuls in the low precision either way. Returns how many tensors were cast."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) as peft counts them (packed 4-bit weights counted at full size)."""
     if hasattr(model, "get_nb_trainable_parameters"):

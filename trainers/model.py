@@ -21,14 +21,26 @@ def _weights_kwargs(cfg: TrialConfig) -> dict:
     return {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
 
 
+def _quiet() -> None:
+    """Loading/conversion progress bars from inside every trial bury the sweep's own progress table."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _resave(source: str, cfg: TrialConfig, dest: str) -> None:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    _quiet()
     kwargs = _common_kwargs(cfg)
     if cfg.model.gguf_file:
         kwargs["gguf_file"] = cfg.model.gguf_file
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-        model.hf_quantizer = None  # dequantized already; save_pretrained refuses a gguf model otherwise
+        # dequantized already: without this save_pretrained refuses a gguf model, and a copy whose config
+        # still names gguf loads as "gguf-quantized" again (unsaveable, and bitsandbytes refuses it)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     else:
         model = AutoModel.from_pretrained(source, dtype=torch.float32, **kwargs)
     model.save_pretrained(dest, safe_serialization=True)
@@ -69,23 +81,34 @@ def load_tokenizer(cfg: TrialConfig):
     return tokenizer
 
 
+def base_dtype(cfg: TrialConfig, device: str) -> torch.dtype:
+    """The dtype the base weights are stored in (see ModelConfig.dtype). Planning on a machine without the
+    GPU assumes one with bf16 (every GPU since Ampere)."""
+    if cfg.model.dtype != "auto":
+        return quantization.torch_dtype(cfg.model.dtype)
+    frozen = cfg.method.is_adapter and cfg.quant.mode == "none"
+    if not (device.startswith("cuda") and frozen) or cfg.train.precision == "fp32":
+        return torch.float32
+    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    return torch.bfloat16 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and bf16) \
+        else torch.float16
+
+
 def load_model(cfg: TrialConfig, num_labels: int, tokenizer, device: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
+    _quiet()
     source, extra = model_dir(cfg)
     kwargs = {**_common_kwargs(cfg), **_weights_kwargs(cfg), **extra}
     qconf = quantization.bnb_config(cfg.quant)
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device if device == "cpu" else 0}
+    dtype = base_dtype(cfg, device)
     if cfg.task.type == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, dtype=torch.float32, **kwargs)
+            source, num_labels=num_labels, dtype=dtype, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if qconf is None:

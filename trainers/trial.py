@@ -20,7 +20,7 @@ import torch
 
 from trainers import data, loop, memory, quantization, record
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
-from trainers.methods import apply_method, parameter_counts
+from trainers.methods import apply_method, parameter_counts, upcast_trainable
 from trainers.metrics import classification_metrics
 from trainers.model import load_model, load_tokenizer
 from trainers.modules import resolve_target_modules, summarize
@@ -174,6 +174,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         # 3. method: adapters on resolved modules, or every weight for full fine-tuning
         targets = resolve_target_modules(net, cfg.method.target_modules) if cfg.method.is_adapter else []
         net = apply_method(net, cfg.method, targets, cfg.task.type)
+        upcast_trainable(net)
         if device == "cpu":
             quantization.patch_cpu_layers(net)
         trainable, total = parameter_counts(net)
