@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,14 +47,27 @@ def cmd_plan(args) -> int:
 
     cfg = _load(args.overrides)
     trials = plan_trials(cfg)
+    packing = cfg.cluster.gpus_per_trial == "auto"
     print(f"{len(trials)} trials, all valid (metric {cfg.metric}, searcher {cfg.searcher.name}, "
           f"scheduler {cfg.scheduler.name}); memory is host RSS on CPU, allocated VRAM on CUDA:")
     print(f"{'#':>3}  {'arm':44s} {'seed':>4} {'modules':>7} {'trainable':>12} {'trainable %':>11} "
-          f"{'pred. peak GB':>13}  device")
+          f"{'pred. peak GB':>13}  device" + ("   GPU share (pred. GB on CUDA)" if packing else ""))
+    shares = []
     for i, t in enumerate(trials):
         row = predict_trial(t)
-        print(f"{i:3d}  {arm_of(t):44s} {t.train.seed:4d} {row['targets'] or 'all':>7} {row['trainable']:12,d} "
-              f"{100 * row['trainable'] / row['total']:11.3f} {row['predicted_gb']:13.2f}  {row['device']}")
+        line = (f"{i:3d}  {arm_of(t):44s} {t.train.seed:4d} {row['targets'] or 'all':>7} {row['trainable']:12,d} "
+                f"{100 * row['trainable'] / row['total']:11.3f} {row['predicted_gb']:13.2f}  {row['device']}")
+        if packing:
+            from sweeps.packing import trial_gpu_request
+
+            share, on_gpu = trial_gpu_request(dataclasses.asdict(t), cfg.cluster)
+            shares.append(share)
+            line += f"   {share:.2f} ({on_gpu:.1f})"
+        print(line)
+    if packing:
+        per_gpu = max(1, int(1 / max(shares) + 1e-9))
+        print(f"\nPacking: GPU shares sum to {sum(shares):.2f}; at least {per_gpu} of the largest trials fit one GPU "
+              f"({cfg.cluster.gpu_memory_gb or 'local'} GB x {cfg.cluster.gpu_headroom} headroom).")
     return 0
 
 
