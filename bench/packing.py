@@ -9,7 +9,7 @@ placement, Ray's per-trial overhead, makespan, and that no GPU ever holds more p
 Co-located trials do not slow each other down here; on a real GPU they do once it is compute-bound, so the
 trials-per-hour gain printed is the scheduler's ceiling, reached by trials too small to saturate a GPU.
 
-Usage: python bench/packing.py [--seconds-per-pflop 1.0] [--gpu-memory-gb 80]
+Usage: python bench/packing.py [--seconds-per-pflop 20] [--gpu-memory-gb 80]
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def oversubscribed(rows: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds-per-pflop", type=float, default=1.0,
+    ap.add_argument("--seconds-per-pflop", type=float, default=20.0,
                     help="stand-in training time per PFLOP (wall time scale only; ratios do not depend on it)")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
     args = ap.parse_args()

@@ -109,3 +109,39 @@ def test_the_packaged_gguf_model_becomes_a_plain_checkpoint(tmp_path, monkeypatc
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     model.save_pretrained(tmp_path / "saved", safe_serialization=True)  # what a full-FT trial ships
     assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary positions, and absolute ones (left padding)
+def test_likelihood_scoring_matches_one_unpadded_sequence_at_a_time(tiny_llama, store, family):
+    """The batched, left-padded, tail-logits scorer against the plain definition: for each example and
+    label, log P(answer | prompt) from a single unpadded forward pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from trainers import loop
+
+    cfg = _sft_cfg(tiny_llama, store)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    model = (AutoModelForCausalLM.from_pretrained(tiny_llama) if family == "llama" else
+             GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256)))
+    model.eval()
+    rows = list(data.tokenize_sft(data.load_splits(cfg.task)["test"].head(12), tok, cfg.task))
+    labels = list(cfg.task.labels)
+    preds, refs, loss = loop.predict_by_likelihood(model, rows, tok, labels, "cpu", batch_size=5)
+
+    answers = [tok(" " + lab + tok.eos_token, add_special_tokens=False)["input_ids"] for lab in labels]
+    want_preds, nll, n_tokens = [], 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = row["input_ids"][: row["prompt_len"]]
+            scores = []
+            for ans in answers:
+                ids = torch.tensor([prompt + ans])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                scores.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(ans)))
+            want_preds.append(max(range(len(labels)), key=scores.__getitem__))
+            nll -= scores[row["class_label"]]
+            n_tokens += len(answers[row["class_label"]])
+    assert preds == want_preds and refs == [r["class_label"] for r in rows]
+    assert loss == pytest.approx(nll / n_tokens, rel=1e-4)

@@ -122,31 +122,38 @@ def predict_classification(model, loader, device: str) -> tuple[list[int], list[
 def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str,
                           batch_size: int) -> tuple[list[int], list[int], float]:
     """Causal LM: predict the label whose answer tokens are most likely after the prompt; also the mean
-    loss of the true answers (validation loss; exp of it is the answer perplexity)."""
+    loss of the true answers (validation loss; exp of it is the answer perplexity).
+
+    Sequences are left-padded so every answer ends at the last position, and only the last
+    (longest answer + 1) positions get logits: the full [batch x labels, seq, vocab] fp32 logits of a
+    large-vocabulary model would be the biggest tensor of the whole evaluation."""
     model.eval()
     eos = tokenizer.eos_token or ""
     answers = [tokenizer(" " + lab + eos, add_special_tokens=False)["input_ids"] for lab in labels]
+    keep = max(map(len, answers)) + 1
     preds, refs, true_nll, true_tokens = [], [], 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        seqs, spans = [], []
-        for row in chunk:
-            prompt = row["input_ids"][: row["prompt_len"]]
-            for ans in answers:
-                seqs.append(prompt + ans)
-                spans.append((len(prompt), len(ans)))
+        seqs = [row["input_ids"][: row["prompt_len"]] + ans for row in chunk for ans in answers]
         width = max(map(len, seqs))
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        except TypeError:  # an architecture without logits_to_keep: compute all, keep the tail
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logprobs = torch.log_softmax(logits[:, -keep:].float(), -1)
         scores = []
-        for i, (p, n) in enumerate(spans):
-            target = ids[i, p: p + n]
-            scores.append(logprobs[i, p - 1: p - 1 + n].gather(-1, target[:, None]).sum().item())
+        for i, ans in enumerate(answers * len(chunk)):
+            n = len(ans)
+            # the logit at kept index k predicts the token after it: answer token j sits at keep - n + j
+            target = ids[i, width - n:]
+            scores.append(logprobs[i, keep - n - 1: keep - 1].gather(-1, target[:, None]).sum().item())
         for j, row in enumerate(chunk):
             per_label = scores[j * len(labels): (j + 1) * len(labels)]
             preds.append(max(range(len(labels)), key=per_label.__getitem__))
             refs.append(row["class_label"])
             true_nll -= per_label[row["class_label"]]
-            true_tokens += spans[j * len(labels) + row["class_label"]][1]
+            true_tokens += len(answers[row["class_label"]])
     return preds, refs, true_nll / max(1, true_tokens)
