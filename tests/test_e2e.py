@@ -163,7 +163,7 @@ def _champion_serves_like_direct_inference(store, c, winner):
         server.wait(timeout=30)
 
 
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store):
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store, capsys):
     _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
                    "+search.space.train.inject_fault=[null,raise@1]", "train.max_steps=3",
                    *tiny_overrides(tiny_bert, store)])
@@ -174,6 +174,11 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store):
     failed = by_status["failed"]
     assert failed.info.status == "FAILED" and "injected fault at step 1" in failed.data.tags[record.ERROR]
     assert all(r.info.status != "RUNNING" for r in children + parents)
+    # the report still comes out, naming the failed run and why; no full-FT arm means no deltas
+    assert main(["report", f"tracking.uri={store['uri']}"]) == 0
+    md = next(store["dir"].glob("reports/*/report.md")).read_text()
+    assert "Runs that did not finish ok (1 of 2)" in md and "RuntimeError: injected fault at step 1" in md
+    assert "no full fine-tuning arm" in md
 
 
 def test_asha_prunes_trailing_trials(tiny_bert, store):

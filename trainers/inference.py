@@ -78,9 +78,14 @@ def score_split(model, tokenizer, cfg: TrialConfig, split: str = "test", device:
 def predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str = "auto") -> list[str]:
     """Label names for raw texts: the classifier's argmax, or for a causal LM the label whose answer is
     most likely after the task's prompt (the same scoring the trial evaluated with)."""
+    device = pick_device(device)
+    with loop.autocast_for(device, cfg.train.precision):
+        return _predict_texts(model, tokenizer, cfg, texts, device)
+
+
+def _predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str) -> list[str]:
     import torch
 
-    device = pick_device(device)
     if cfg.task.type != "classification":
         rows = []
         for text in texts:

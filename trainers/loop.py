@@ -39,8 +39,7 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     dtype = autocast_dtype(device, train_cfg.precision)
-    autocast = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype,
-                              enabled=dtype is not None)
+    autocast = autocast_for(device, train_cfg.precision)
     # fp16 underflows small gradients: scale the loss up, unscale before clipping
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
@@ -83,6 +82,13 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
     return {"train_loss": sum(losses) / max(1, len(losses)), "steps": step, "tokens": tokens,
             "sequences": sequences, "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "precision": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
+
+
+def autocast_for(device: str, precision: str):
+    """The autocast context training used; evaluation and serving use it too, since a bf16 base with fp32
+    adapters and head only composes under autocast."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=dtype is not None)
 
 
 def autocast_dtype(device: str, precision: str):

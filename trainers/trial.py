@@ -103,6 +103,11 @@ def arm_of(cfg: TrialConfig) -> str:
 
 def _evaluate(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str) -> dict:
     """Task metrics of one split as {`<prefix>_accuracy`: ..., ...}."""
+    with loop.autocast_for(device, cfg.train.precision):
+        return _score(net, cfg, split, tokenizer, device, prefix)
+
+
+def _score(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str) -> dict:
     if cfg.task.type == "classification":
         # Length-sorted batches pad little: evaluation costs about half as much as in data order.
         lengths = [len(ids) for ids in split["input_ids"]]
