@@ -1,20 +1,22 @@
 """Predict a trial's peak memory before it runs, from the model's shape alone (meta device, no weights).
 
-peak ≈ runtime + weights + gradients + optimizer state + activations (+ logits for causal LMs)
+peak ≈ runtime + weights + max(activations + gradients, gradients + optimizer state)
+  — activations are freed by the end of backward, before AdamW allocates its state at the first step, so
+  the two never peak together (full FT on SmolLM2 peaks in the optimizer step, LoRA in backward).
   weights:     frozen params × bytes of their storage dtype (fp32 4, bf16 2, int8 1, nf4/fp4 0.5 + scales)
-               + trainable params × 4 (adapters, heads and full-FT weights train in fp32)
-  gradients:   trainable × 4;  AdamW state: trainable × 8 (two fp32 moments)
-  activations: CPU (fp32, eager attention): batch × seq × layers × hidden × ACT_FACTOR × 4 bytes plus the
-               attention scores batch × heads × seq² × layers × 4 × 2 (softmax in and out).
-               CUDA (autocast): Korthikanti et al.'s 34 bytes × batch × seq × hidden per layer for 16-bit
-               activations; SDPA/flash attention keeps no seq² score matrix (eager keeps 5 bytes × heads × seq²).
-  logits:      causal LMs keep batch × seq × vocab logits, their fp32 upcast for the loss and its gradient —
-               with a 49k–128k vocabulary this is often the largest single tensor.
-  runtime:     on CPU the process baseline (Python, torch, transformers, peft, datasets imported; measured
-               RUNTIME_CPU_GB on these machines); on CUDA 0: max_memory_allocated excludes the context (~0.5 GB,
-               added by sweeps/packing.py where GPUs are shared).
-The CPU constants are fitted by bench/memory_estimate.py against measured peak RSS; the CUDA branch follows
-the published accounting and is still to be checked against measured VRAM on a GPU (same bench).
+               + trainable params × 4 (adapters, heads and full-FT weights train in fp32). On CPU a quantized
+               base is first loaded in fp32 and quantized after, so the fp32 copy is in the peak too.
+  gradients:   trainable × 4;  AdamW: trainable × (8 state + 4 for the foreach kernels' temporaries)
+  activations: per token, layer and hidden unit, ACT_BYTES_CPU (fp32, fitted) or ACT_BYTES_CUDA (Korthikanti
+               et al.'s 34 bytes for 16-bit activations); SDPA keeps no seq² score matrix (eager attention
+               keeps 5 bytes × heads × seq²); causal LMs add batch × seq × vocab logits with their fp32
+               upcast and gradient; each LoRA-adapted layer keeps its dropped-out input; DoRA also
+               materialises W + BA for the weight norm of every adapted layer.
+  runtime:     on CPU the process baseline (Python, torch, transformers, peft, datasets, tokenizer, data);
+               on CUDA 0: max_memory_allocated excludes the context (~0.5 GB, added by sweeps/packing.py).
+The CPU constants are fitted by bench/memory_estimate.py against measured peak RSS of the shipped sweeps
+(MiniLM on Rotten Tomatoes, SmolLM2-135M methods x quantization); the CUDA branch follows the published
+accounting and is still to be checked against measured VRAM on a GPU (same bench).
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from dataclasses import dataclass
 
 GB = 1024 ** 3
 BYTES_PER_FROZEN = {"int8": 1.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}  # + one fp32 scale per 64-block
-ACT_FACTOR = 34  # CPU: saved tensors per token per layer, in units of hidden (q,k,v,o, MLP 4h in/out, norms)
-ACT_FACTOR_LORA = 6  # adapters add dropout copies and low-rank inputs on the adapted layers
-ACT_BYTES_CUDA = 34  # bytes per token per layer per hidden unit at 16-bit (Korthikanti et al. 2022)
-LOGIT_BYTES_CPU = 12  # fp32 logits, log-softmax, gradient
-LOGIT_BYTES_CUDA = 10  # bf16 logits, fp32 upcast for the loss, its fp32 gradient
-RUNTIME_CPU_GB = 0.95  # RSS of a trial process before the model is loaded (2026-11, torch 2.13 CPU)
+ADAMW_BYTES = 8 + 4  # two fp32 moments + the foreach kernels' temporaries
+ACT_BYTES_CPU = 77  # fitted on 36 trials (2026-11-25): fp32 activations saved per token, layer, hidden unit
+ACT_BYTES_CUDA = 34  # 16-bit activations (Korthikanti et al. 2022), per token, layer, hidden unit
+LORA_INPUT_BYTES = {"cpu": 10, "cuda": 4}  # per token and adapted input feature: dropout output (+ mask)
+DORA_WEIGHT_BYTES = {"cpu": 8, "cuda": 4}  # per adapted weight: W + BA for the norm, and its gradient path
+LOGIT_BYTES = {"cpu": 12, "cuda": 10}  # per token and vocabulary entry: logits, fp32 upcast, gradient
+RUNTIME_CPU_GB = 1.11  # fitted: RSS of a trial process before weights and activations (torch 2.13 CPU)
 RUNTIME_CUDA_GB = 0.0  # max_memory_allocated excludes the CUDA context
 
 
@@ -41,37 +44,38 @@ class MemoryEstimate:
 
     @property
     def total_gb(self) -> float:
-        return self.weights_gb + self.gradients_gb + self.optimizer_gb + self.activations_gb + self.runtime_gb
+        return self.runtime_gb + self.weights_gb + self.gradients_gb + max(self.activations_gb, self.optimizer_gb)
 
 
 def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, batch: int, seq: int,
              quant: str, adapter: bool, device: str, frozen_bytes: float = 4.0, vocab: int = 0,
-             fused_attention: bool = True, checkpointing: bool = False) -> MemoryEstimate:
+             fused_attention: bool = True, checkpointing: bool = False, adapted_inputs: int = 0,
+             dora_weights: int = 0) -> MemoryEstimate:
     """`frozen_bytes`: storage of an unquantized frozen weight (4 fp32, 2 bf16); `vocab` > 0 for a causal LM
-    (logits); `fused_attention`: SDPA/flash on CUDA, no seq² matrix kept; `checkpointing`: only each layer's
-    input is kept, and one layer's activations exist at a time during its recompute."""
-    if checkpointing:
-        kept = estimate(trainable, total, hidden, 1, heads, batch, seq, quant, adapter, device, frozen_bytes,
-                        vocab, fused_attention)
-        inputs = batch * seq * hidden * layers * (2 if device.startswith("cuda") else 4) / GB
-        return MemoryEstimate(kept.weights_gb, kept.gradients_gb, kept.optimizer_gb,
-                              kept.activations_gb + inputs, kept.runtime_gb)
+    (logits); `fused_attention`: SDPA/flash, no seq² matrix kept; `checkpointing`: only each layer's input is
+    kept, one layer's activations at a time; `adapted_inputs`: summed input features of LoRA-adapted layers;
+    `dora_weights`: summed weight sizes of DoRA-adapted layers."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
     frozen = total - trainable
-    weights = frozen * BYTES_PER_FROZEN.get(quant, frozen_bytes) + trainable * 4
-    grads = trainable * 4
-    optim = trainable * 8
-    lora = ACT_FACTOR_LORA if adapter else 0
-    if device.startswith("cuda"):
-        acts = batch * seq * layers * hidden * (ACT_BYTES_CUDA + 2 * lora)
-        if not fused_attention:
-            acts += 5 * batch * heads * seq * seq * layers
-        acts += batch * seq * vocab * LOGIT_BYTES_CUDA
-        runtime = RUNTIME_CUDA_GB
-    else:
-        acts = batch * seq * layers * hidden * (ACT_FACTOR + lora) * 4 + batch * heads * seq * seq * layers * 4 * 2
-        acts += batch * seq * vocab * LOGIT_BYTES_CPU
-        runtime = RUNTIME_CPU_GB
-    return MemoryEstimate(weights / GB, grads / GB, optim / GB, acts / GB, runtime)
+    per_frozen = BYTES_PER_FROZEN.get(quant, frozen_bytes)
+    if kind == "cpu" and quant in BYTES_PER_FROZEN:
+        per_frozen += 4.0  # loaded in fp32, then quantized: both copies count in the process's peak
+    weights = frozen * per_frozen + trainable * 4
+    tokens = batch * seq
+    per_layer = ACT_BYTES_CUDA if kind == "cuda" else ACT_BYTES_CPU
+    kept_layers = 1 if checkpointing else layers
+    acts = tokens * kept_layers * hidden * per_layer
+    if checkpointing:
+        acts += tokens * hidden * layers * (2 if kind == "cuda" else 4)  # each layer's saved input
+    if not fused_attention:
+        acts += 5 * batch * heads * seq * seq * kept_layers * (1 if kind == "cuda" else 2)
+    acts += tokens * vocab * LOGIT_BYTES[kind]
+    # DoRA on a quantized base also dequantizes each adapted weight to take its norm
+    dora_bytes = DORA_WEIGHT_BYTES[kind] + (4 if quant in BYTES_PER_FROZEN else 0)
+    acts += tokens * adapted_inputs * LORA_INPUT_BYTES[kind] + dora_weights * dora_bytes
+    return MemoryEstimate(weights_gb=weights / GB, gradients_gb=trainable * 4 / GB,
+                          optimizer_gb=trainable * ADAMW_BYTES / GB, activations_gb=acts / GB,
+                          runtime_gb=RUNTIME_CUDA_GB if kind == "cuda" else RUNTIME_CPU_GB)
 
 
 def shape_of(config) -> tuple[int, int, int]:
@@ -109,10 +113,19 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
     config = model.config if hasattr(model, "config") else model.base_model.config
     hidden, layers, heads = shape_of(config)
     attention = cfg.model.attn_implementation or "sdpa"
+    modules = dict(_meta(cfg).named_modules())
+    lora_family = cfg.method.name in ("lora", "rslora", "dora")
     est = estimate(trainable, total, hidden, layers, heads, cfg.train.batch_size, sequence_length(cfg),
                    cfg.quant.mode, cfg.method.is_adapter, device,
                    frozen_bytes=torch.finfo(base_dtype(cfg, device)).bits / 8,
                    vocab=getattr(config, "vocab_size", 0) if cfg.task.type != "classification" else 0,
-                   fused_attention=attention != "eager", checkpointing=cfg.train.gradient_checkpointing)
+                   fused_attention=attention != "eager", checkpointing=cfg.train.gradient_checkpointing,
+                   adapted_inputs=sum(_in_features(modules[n]) for n in targets) if lora_family else 0,
+                   dora_weights=sum(modules[n].weight.numel() for n in targets) if cfg.method.name == "dora" else 0)
     return {"targets": len(targets), "trainable": trainable, "total": total, "predicted_gb": est.total_gb,
             "estimate": est, "device": device}
+
+
+def _in_features(module) -> int:
+    """Input width of a linear-like layer (GPT-2's Conv1D stores its weight transposed)."""
+    return int(getattr(module, "in_features", None) or module.weight.shape[0])
