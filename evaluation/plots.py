@@ -31,7 +31,9 @@ def pareto_png(table: pd.DataFrame, metric: str, path: Path) -> Path:
                 continue
             color = "black" if r["method"] == "full" else ("tab:red" if r[front_col] else "tab:blue")
             ax.scatter(r[cost], r["test_mean"], color=color, s=40, zorder=3)
-            ax.annotate(r["arm"], (r[cost], r["test_mean"]), fontsize=6, xytext=(4, 2), textcoords="offset points")
+            if len(table) <= 12 or r[front_col] or r["method"] == "full":  # many arms: name the frontier only
+                ax.annotate(r["arm"], (r[cost], r["test_mean"]), fontsize=6, xytext=(4, 2),
+                            textcoords="offset points")
         front = table[table[front_col]].sort_values(cost)
         ax.step(front[cost], front["test_mean"], where="post", color="tab:red", lw=1, label="Pareto frontier")
         if log and (table[cost] > 0).all():
