@@ -9,7 +9,8 @@ placement, Ray's per-trial overhead, makespan, and that no GPU ever holds more p
 Co-located trials do not slow each other down here; on a real GPU they do once it is compute-bound, so the
 trials-per-hour gain printed is the scheduler's ceiling, reached by trials too small to saturate a GPU.
 
-Usage: python bench/packing.py [--seconds-per-pflop 20] [--gpu-memory-gb 80]
+Trials start most-FLOPs-first, as `peftsweep sweep` starts them (--grid-order for the plain grid order).
+Usage: python bench/packing.py [--seconds-per-pflop 60] [--gpu-memory-gb 80] [--grid-order]
 """
 from __future__ import annotations
 
@@ -26,37 +27,29 @@ GPUS = 4
 STEPS = 100  # optimizer steps per trial
 
 
-def plan(gpu_memory_gb: float) -> list[dict]:
-    """12 real trial configs with their predicted peak, GPU share and training FLOPs."""
-    import copy
-
+def plan(gpu_memory_gb: float, grid_order: bool = False, batch_sizes: str = "[4,8,16]",
+         seeds: str = "[0]") -> list[dict]:
+    """12 real trial configs with their predicted peak, GPU share and training FLOPs, in the order the sweep
+    starts them (most FLOPs first, sweeps.space.longest_first), or in grid order."""
     from sweeps.config import load, trial_dict
     from sweeps.packing import trial_gpu_request
     from sweeps.space import expand
     from trainers.config import trial_config_from_dict
-    from trainers.flops import matmul_param_counts, transformer_flops_per_token
-    from trainers.methods import apply_method
-    from trainers.modules import resolve_target_modules
-    from trainers.validate import _meta
+    from trainers.estimate import predict_train_flops
 
     cfg = load(["model=smollm2_135m", "task=rotten_tomatoes_sft", "task.max_length=1024", "search=tiny",
                 "search.full_ft_arm=false", "search.space.method.r=[8,64]",
                 "+search.space.method.target_modules=[attention_qv,all_linear]",
-                "+search.space.train.batch_size=[4,8,16]", "cluster.gpus_per_trial=auto",
+                f"+search.space.train.batch_size={batch_sizes}", f"search.seeds={seeds}", f"train.max_steps={STEPS}",
+                "cluster.gpus_per_trial=auto",
                 f"cluster.gpu_memory_gb={gpu_memory_gb}"])
     trials = []
     for t in expand(cfg.search, trial_dict(cfg)):
         share, predicted = trial_gpu_request(t, cfg.cluster)
         tc = trial_config_from_dict(t)
-        model = copy.deepcopy(_meta(tc))
-        model = apply_method(model, tc.method, resolve_target_modules(model, tc.method.target_modules), tc.task.type)
-        frozen, trainable = matmul_param_counts(model)
-        per_token = transformer_flops_per_token(frozen, trainable, model.config.num_hidden_layers,
-                                                tc.task.max_length, model.config.hidden_size, False)
-        tokens = STEPS * tc.train.batch_size * tc.task.max_length
-        trials.append({"name": f"r{tc.method.r}-{tc.method.target_modules}-bs{tc.train.batch_size}",
-                       "predicted_gb": predicted, "share": share, "pflop": per_token * tokens / 1e15})
-    return trials
+        trials.append({"name": f"r{tc.method.r}-{tc.method.target_modules}-bs{tc.train.batch_size}-s{tc.train.seed}",
+                       "predicted_gb": predicted, "share": share, "pflop": predict_train_flops(tc) / 1e15})
+    return trials if grid_order else sorted(trials, key=lambda t: -t["pflop"])
 
 
 def run(trials: list[dict], packed: bool, seconds_per_pflop: float, storage: str) -> list[dict]:
@@ -81,7 +74,7 @@ def run(trials: list[dict], packed: bool, seconds_per_pflop: float, storage: str
     try:
         tuner = tune.Tuner(tune.with_resources(trainable, resources),
                            param_space={"name": tune.grid_search(list(by_name))},
-                           run_config=tune.RunConfig(name="packed" if packed else "whole", storage_path=storage,
+                           run_config=tune.RunConfig(name=f"{'packed' if packed else 'whole'}-{time.time_ns()}", storage_path=storage,
                                                      verbose=0))
         started = time.time()
         grid = tuner.fit()
@@ -104,22 +97,18 @@ def oversubscribed(rows: list[dict]) -> float:
     return worst
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds-per-pflop", type=float, default=20.0,
-                    help="stand-in training time per PFLOP (wall time scale only; ratios do not depend on it)")
-    ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    args = ap.parse_args()
-    trials = plan(args.gpu_memory_gb)
-    print(f"{len(trials)} trials (SmolLM2-135M LoRA, seq 1024, {STEPS} steps) on {GPUS} x {args.gpu_memory_gb:.0f} GB "
-          "logical GPUs\n")
+# (title, batch sizes, seeds): 12 trials each
+SCENARIOS = (("mixed: r {8,64} x {q,v; all linear} x batch {4,8,16}", "[4,8,16]", "[0]"),
+             ("small: r {8,64} x {q,v; all linear} x batch 4 x 3 seeds", "[4]", "[0,1,2]"))
+
+
+def scenario(title: str, trials: list[dict], args, storage: str) -> None:
+    print(f"\n### {title}\n\n{len(trials)} trials (SmolLM2-135M LoRA, seq 1024, {STEPS} steps) on {GPUS} x "
+          f"{args.gpu_memory_gb:.0f} GB logical GPUs, started {'in grid order' if args.grid_order else 'longest first'}\n")
     print("| trial | predicted peak GB | GPU share | training PFLOP |\n|---|---|---|---|")
     for t in trials:
-        print(f"| {t['name']} | {t['predicted_gb']:.1f} | {t['share']:.2f} | {t['pflop']:.1f} |")
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for packed in (False, True):
-            results[packed] = run(trials, packed, args.seconds_per_pflop, tmp)
+        print(f"| {t['name']} | {t['predicted_gb']:.1f} | {t['share']:.2f} | {t['pflop']:.2f} |")
+    results = {packed: run(trials, packed, args.seconds_per_pflop, storage) for packed in (False, True)}
     print("\n| placement | makespan s | sum of trial s | (sum / 4) / makespan | share-weighted GPU use | "
           "trials / hour | most shares on one GPU at once |\n|---|---|---|---|---|---|---|")
     per_hour = {}
@@ -133,6 +122,18 @@ def main() -> None:
     print(f"\nscheduling efficiency, one trial per GPU: (sum of trial times / {GPUS}) / makespan = "
           f"{sum(r['duration'] for r in rows) / GPUS / makespan:.2f} (goal >= 0.9)")
     print(f"trials per hour, packed / one per GPU = {per_hour[True] / per_hour[False]:.2f} (goal >= 2 for small trials)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds-per-pflop", type=float, default=60.0,
+                    help="stand-in training time per PFLOP (wall time scale only; ratios do not depend on it)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    ap.add_argument("--grid-order", action="store_true", help="start trials in grid order, not longest first")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for title, batch_sizes, seeds in SCENARIOS:
+            scenario(title, plan(args.gpu_memory_gb, args.grid_order, batch_sizes, seeds), args, tmp)
 
 
 if __name__ == "__main__":

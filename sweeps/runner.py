@@ -165,7 +165,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     def make_tuner():
         return tune.Tuner(
             _trainable(cfg, base),
-            param_space=space.param_space(cfg.search, cfg.searcher.name, base),
+            param_space=space.param_space(cfg.search, cfg.searcher.name, base, space.longest_first(cfg.search, base)),
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.search.mode, scheduler=_scheduler(cfg),
                 search_alg=_searcher(cfg), num_samples=cfg.search.num_samples,
@@ -204,7 +204,8 @@ def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
     base = trial_dict(cfg)
     return _drive(cfg, sweep_id, exp_id, parent_run.info.run_id, lambda: tune.Tuner.restore(
         path, trainable=_trainable(cfg, base, skip_finished=True), resume_unfinished=True, resume_errored=False,
-        restart_errored=False, param_space=space.param_space(cfg.search, cfg.searcher.name, base)))
+        restart_errored=False,
+        param_space=space.param_space(cfg.search, cfg.searcher.name, base, space.longest_first(cfg.search, base))))
 
 
 def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner) -> dict:

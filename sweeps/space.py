@@ -202,8 +202,25 @@ def labelled_arms(search, base: dict) -> dict[str, dict]:
     return out
 
 
-def param_space(search, searcher: str, base: dict) -> dict:
-    """Ray Tune param_space: `arm` (a label; see labelled_arms), `seed`, and sampled keys by dotted name."""
+def longest_first(search, base: dict) -> list[str]:
+    """Arm labels by predicted training FLOPs, most expensive first: Ray starts trials in this order, so
+    a sweep does not end waiting on one long trial started last (bench/packing.py, 12 mixed trials on 4
+    GPUs: 0.68 of the ideal makespan in grid order, 0.88 longest first). Ties keep the grid order."""
+    from trainers.config import trial_config_from_dict
+    from trainers.estimate import predict_train_flops
+
+    dims = flatten(search.space)
+    sampled = {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
+    arms = labelled_arms(search, base)
+    cost = {label: predict_train_flops(trial_config_from_dict(resolve_trial(base, search, arm, search.seeds[0],
+                                                                            sampled)))
+            for label, arm in arms.items()}
+    return sorted(arms, key=lambda label: -cost[label])
+
+
+def param_space(search, searcher: str, base: dict, order: list[str] | None = None) -> dict:
+    """Ray Tune param_space: `arm` (a label; see labelled_arms), `seed`, and sampled keys by dotted name.
+    `order`: the arm labels in the order trials should start (see longest_first)."""
     from ray import tune
 
     dims = flatten(search.space)
@@ -217,7 +234,7 @@ def param_space(search, searcher: str, base: dict) -> dict:
             space[d.key] = tune.loguniform(*d.args)
         elif d.kind == "randint":
             space[d.key] = tune.randint(*d.args)
-    all_arms = list(labelled_arms(search, base))
+    all_arms = order or list(labelled_arms(search, base))
     if searcher == "optuna":
         # Optuna models categorical choices, not grids: arms and seeds become choices it samples.
         space["arm"] = tune.choice(all_arms)

@@ -87,3 +87,14 @@ def test_grid_points_that_are_one_configuration_train_once():
         [("ia3", 8), ("lora", 8), ("lora", 16)]
     assert len(trials) == 3 * 2
     assert len(space.labelled_arms(s, _base())) == 3
+
+
+def test_trials_start_most_expensive_first():
+    """Full FT (6 FLOPs per weight) before all-linear LoRA before q,v LoRA; larger ranks first among equals."""
+    cfg = load([])
+    order = space.longest_first(cfg.search, trial_dict(cfg))
+    assert order[0] == "full-lr0.0001"
+    assert [a.split("-")[1] for a in order[1:4]] == ["r16", "r8", "r4"] and all("all_linear" in a for a in order[1:4])
+    assert all("attention_qv" in a for a in order[4:])
+    grid = space.param_space(cfg.search, "grid", trial_dict(cfg), order)["arm"]
+    assert list(grid["grid_search"]) == order

@@ -129,3 +129,29 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
 def _in_features(module) -> int:
     """Input width of a linear-like layer (GPT-2's Conv1D stores its weight transposed)."""
     return int(getattr(module, "in_features", None) or module.weight.shape[0])
+
+
+def predict_train_flops(cfg) -> float:
+    """Training FLOPs of a trial before it runs (LoRA-aware, trainers/flops.py) — the sweep starts the most
+    expensive trials first, so the last ones to finish are short (longest-processing-time-first)."""
+    import copy
+    import math
+
+    from trainers.flops import matmul_param_counts, transformer_flops_per_token
+    from trainers.methods import apply_method
+    from trainers.modules import resolve_target_modules
+    from trainers.validate import _meta
+
+    model = copy.deepcopy(_meta(cfg))
+    targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
+    model = apply_method(model, cfg.method, targets, cfg.task.type)
+    frozen, trainable = matmul_param_counts(model)
+    config = model.config if hasattr(model, "config") else model.base_model.config
+    hidden, layers, _ = shape_of(config)
+    seq = sequence_length(cfg)
+    per_token = transformer_flops_per_token(frozen, trainable, layers, seq, hidden, not cfg.method.is_adapter)
+    t = cfg.train
+    rows = cfg.task.train_size or 10_000  # unknown without reading the data: equal for every arm anyway
+    steps = math.ceil(math.ceil(rows / t.batch_size) * t.epochs / t.grad_accum)
+    steps = min(steps, t.max_steps) if t.max_steps else steps
+    return per_token * steps * t.batch_size * t.grad_accum * seq
