@@ -71,3 +71,12 @@ def test_a_planned_trial_on_cuda_stores_a_frozen_base_in_bf16(tiny_llama):
     cfg.method.name = "full"
     full = predict_trial(cfg, validate_device=False)
     assert full["trainable"] == full["total"] and full["predicted_gb"] > lora["predicted_gb"]
+
+
+def test_lora_dropout_copies_count_only_with_dropout(tiny_llama):
+    from sweeps.config import load
+
+    cfg = load(["task=rotten_tomatoes_sft", f"model.path={tiny_llama}", "method.target_modules=all_linear"]).trial
+    with_dropout = predict_trial(cfg)["estimate"].activations_gb
+    cfg.method.dropout = 0.0
+    assert predict_trial(cfg)["estimate"].activations_gb < with_dropout

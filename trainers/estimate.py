@@ -114,7 +114,9 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
     hidden, layers, heads = shape_of(config)
     attention = cfg.model.attn_implementation or "sdpa"
     modules = dict(_meta(cfg).named_modules())
-    lora_family = cfg.method.name in ("lora", "rslora", "dora")
+    # with dropout, each adapted layer keeps its own dropped-out copy of its input (q, k and v: three copies
+    # of one tensor); without, peft feeds the input itself and keeps only the rank-r output
+    lora_family = cfg.method.name in ("lora", "rslora", "dora") and cfg.method.dropout > 0
     est = estimate(trainable, total, hidden, layers, heads, cfg.train.batch_size, sequence_length(cfg),
                    cfg.quant.mode, cfg.method.is_adapter, device,
                    frozen_bytes=torch.finfo(base_dtype(cfg, device)).bits / 8,
