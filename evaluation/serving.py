@@ -8,12 +8,7 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
-import warnings
-
 import mlflow.pyfunc
-
-# MLflow advises type hints on predict() for input validation; the signature saved with the model does that job.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class AdapterClassifier(mlflow.pyfunc.PythonModel):
