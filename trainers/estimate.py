@@ -95,22 +95,16 @@ def sequence_length(cfg) -> int:
 def predict_trial(cfg, validate_device: bool = True) -> dict:
     """Plan row for one trial: resolved modules, trainable/total params as peft counts them (on a meta-device
     copy: no weights), and the predicted peak memory on the device it would run on."""
-    import copy
-
     import torch
 
-    from trainers.methods import apply_method, parameter_counts
+    from trainers.methods import parameter_counts
     from trainers.model import base_dtype
-    from trainers.modules import resolve_target_modules
     from trainers.trial import pick_device
     from trainers.validate import _meta
 
     device = pick_device(cfg.train.device) if validate_device else cfg.train.device
-    model = copy.deepcopy(_meta(cfg))
-    targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
-    model = apply_method(model, cfg.method, targets, cfg.task.type)
+    model, targets, config = _wrapped_meta(cfg)
     trainable, total = parameter_counts(model)
-    config = model.config if hasattr(model, "config") else model.base_model.config
     hidden, layers, heads = shape_of(config)
     attention = cfg.model.attn_implementation or "sdpa"
     modules = dict(_meta(cfg).named_modules())
@@ -128,6 +122,20 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
             "estimate": est, "device": device}
 
 
+def _wrapped_meta(cfg):
+    """(the trial's model wrapped by its method, resolved target names, HF config), on the meta device."""
+    import copy
+
+    from trainers.methods import apply_method
+    from trainers.modules import resolve_target_modules
+    from trainers.validate import _meta
+
+    model = copy.deepcopy(_meta(cfg))
+    targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
+    model = apply_method(model, cfg.method, targets, cfg.task.type)
+    return model, targets, (model.config if hasattr(model, "config") else model.base_model.config)
+
+
 def _in_features(module) -> int:
     """Input width of a linear-like layer (GPT-2's Conv1D stores its weight transposed)."""
     return int(getattr(module, "in_features", None) or module.weight.shape[0])
@@ -136,19 +144,12 @@ def _in_features(module) -> int:
 def predict_train_flops(cfg) -> float:
     """Training FLOPs of a trial before it runs (LoRA-aware, trainers/flops.py) — the sweep starts the most
     expensive trials first, so the last ones to finish are short (longest-processing-time-first)."""
-    import copy
     import math
 
     from trainers.flops import matmul_param_counts, transformer_flops_per_token
-    from trainers.methods import apply_method
-    from trainers.modules import resolve_target_modules
-    from trainers.validate import _meta
 
-    model = copy.deepcopy(_meta(cfg))
-    targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
-    model = apply_method(model, cfg.method, targets, cfg.task.type)
+    model, _, config = _wrapped_meta(cfg)
     frozen, trainable = matmul_param_counts(model)
-    config = model.config if hasattr(model, "config") else model.base_model.config
     hidden, layers, _ = shape_of(config)
     seq = sequence_length(cfg)
     per_token = transformer_flops_per_token(frozen, trainable, layers, seq, hidden, not cfg.method.is_adapter)
