@@ -145,3 +145,35 @@ def test_likelihood_scoring_matches_one_unpadded_sequence_at_a_time(tiny_llama, 
             n_tokens += len(answers[row["class_label"]])
     assert preds == want_preds and refs == [r["class_label"] for r in rows]
     assert loss == pytest.approx(nll / n_tokens, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_causal_lm_champion_is_a_pyfunc_that_reproduces_its_metric(tiny_llama, store, capsys):
+    """SFT adapters register as pyfunc models too: the fresh-process reload check scores raw text by label
+    likelihood and must reproduce the metric the trial logged; predictions are label names."""
+    import json
+    import os
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.cli import main
+    from tests.conftest import BIN, tiny_overrides
+    from tests.test_e2e import _sweep
+
+    overrides = [*tiny_overrides(tiny_llama, store), "model.name=tiny-llama", "task=rotten_tomatoes_sft"]
+    _sweep(store, [*overrides, "search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
+                   "train.max_steps=3"])
+    assert main(["promote", *overrides]) == 0
+    assert "Reload check (fresh process)" in capsys.readouterr().out
+    c = MlflowClient(store["uri"])
+    version = c.get_model_version_by_alias("rotten_tomatoes_sft-tiny-llama", "champion")
+    logged = c.get_run(version.run_id).data.metrics["test_accuracy"]
+    assert abs(float(version.tags["reload_check"].split("=")[1]) - logged) * 100 <= 0.5
+    code = ("import json, sys, mlflow, pandas; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(json.dumps(list(m.predict(pandas.DataFrame({'text': ['a warm film', 'a dull mess']})))))")
+    out = subprocess.run([str(BIN / "python"), "-c", code, "models:/rotten_tomatoes_sft-tiny-llama@champion"],
+                         capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])) <= {"fresh", "rotten"}
