@@ -34,6 +34,7 @@ system-deps:
 	scripts/system_deps.sh
 
 test: install system-deps
+	$(VENV)/bin/lint-imports  # the layering contracts (.importlinter): arrows point one way
 	$(PY) -m pytest -q -m "not gpu"
 
 test-all: install system-deps

@@ -26,7 +26,8 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from evaluation.runs import find_parent, trial_table
+    from evaluation.runs import trial_table
+    from trainers.tracking import find_parent
     from trainers import record
     from trainers.config import load_trial_config
     from trainers.estimate import predict_trial

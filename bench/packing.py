@@ -30,7 +30,7 @@ STEPS = 100  # optimizer steps per trial
 def plan(gpu_memory_gb: float, grid_order: bool = False, batch_sizes: str = "[4,8,16]",
          seeds: str = "[0]") -> list[dict]:
     """12 real trial configs with their predicted peak, GPU share and training FLOPs, in the order the sweep
-    starts them (most FLOPs first, sweeps.space.longest_first), or in grid order."""
+    starts them (most FLOPs first, as sweeps/plan.py orders them), or in grid order."""
     from sweeps.config import load, trial_dict
     from sweeps.packing import trial_gpu_request
     from sweeps.space import expand

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.report import arm_table, markdown
-from evaluation.runs import find_parent, trial_table
+from evaluation.runs import trial_table
 from trainers import record
+from trainers.tracking import find_parent
 
 PYFUNC_DIR = "pyfunc_model"
 MODEL_CARD = "README.md"
@@ -105,7 +106,7 @@ def reload_check(model_uri: str, tracking_uri: str, logged: float, metric: str, 
 def merge_damage(weights: str, metric: str, logged: float) -> dict:
     """An adapter trained on a quantized base, merged into the full-precision base (how it is often
     shipped): its test metric and the points lost against the quantized-base figure (transformers#31293)."""
-    from trainers.inference import load_trained, score_split
+    from trainers import load_trained, score_split
 
     model, tokenizer, cfg = load_trained(weights, base_quant="none", merge=True)
     merged = score_split(model, tokenizer, cfg, "test")[record.metric_key("test", metric)]
@@ -138,7 +139,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     from mlflow.exceptions import MlflowException
 
     from evaluation.serving import save_pyfunc
-    from trainers.inference import write_base_reference
+    from trainers import write_base_reference
 
     parent = find_parent(client, experiment, sweep_id)
     sweep = parent.data.tags.get(record.SWEEP_ID, parent.info.run_name)

@@ -21,16 +21,14 @@ def score(model_uri: str) -> dict:
     import mlflow
     import pandas as pd
 
-    from trainers import data
-    from trainers.metrics import classification_metrics
+    from trainers import score_labels, split_texts
 
     model = mlflow.pyfunc.load_model(model_uri)
     cfg = model.unwrap_python_model().cfg
-    test = data.load_splits(cfg.task)["test"]
-    predicted = list(model.predict(pd.DataFrame({"text": test["text"]})))
-    index = {label: i for i, label in enumerate(cfg.task.labels)}
-    scores = classification_metrics([index[p] for p in predicted], list(test["label"]), len(cfg.task.labels))
-    return {"metric": cfg.task.metric, "value": scores[cfg.task.metric], "n": len(test)}
+    texts = split_texts(cfg, "test")
+    # predicted as a consumer would (raw text into the pyfunc), scored by the trial's own metric code
+    scores = score_labels(cfg, list(model.predict(pd.DataFrame({"text": texts}))), "test")
+    return {"metric": cfg.task.metric, "value": scores[cfg.task.metric], "n": len(texts)}
 
 
 def main(argv: list[str]) -> int:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation import plots
-from evaluation.runs import find_parent, trial_table
+from evaluation.runs import trial_table
 from trainers import record
+from trainers.tracking import find_parent
 
 # Two-sided 95 % Student t quantiles by degrees of freedom; 1.96 beyond the table.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,

@@ -1,35 +1,18 @@
-"""A sweep as MLflow holds it: the parent run and a table of its child runs (one row per trial)."""
+"""A sweep as MLflow holds it: a table of its child runs, one row per trial (found by trainers/tracking.py)."""
 from __future__ import annotations
 
 import pandas as pd
 
-from trainers import record
+from trainers import record, tracking
 
-PARAM_COLUMNS = ("method", "r", "alpha", "target_modules", "target_modules_resolved", "quantization",
-                 "double_quant", "compute_dtype", "lr", "seed", "model", "model_path", "task", "train_size")
-
-
-def find_parent(client, experiment: str, sweep_id: str | None = None):
-    """The parent run of `sweep_id`, or of the newest sweep in `experiment`."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"no MLflow experiment named {experiment!r} in this tracking store")
-    flt = f"tags.`{record.ROLE}` = 'sweep'"
-    if sweep_id:
-        flt += f" and tags.`{record.SWEEP_ID}` = '{sweep_id}'"
-    runs = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    if not runs:
-        raise LookupError(f"no sweep {sweep_id!r} in experiment {experiment!r}" if sweep_id
-                          else f"no sweep in experiment {experiment!r}: run `peftsweep sweep` first")
-    return runs[0]
+PARAM_COLUMNS = ("method", "r", "alpha", "dropout", "target_modules", "target_modules_resolved", "quantization",
+                 "double_quant", "compute_dtype", "lr", "batch_size", "grad_accum", "seed", "model", "model_path",
+                 "task", "train_size", "max_length")
 
 
 def trial_table(client, parent) -> pd.DataFrame:
     """One row per child run: params, final metrics, status tag, MLflow ids."""
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`{record.PARENT_RUN_ID}` = '{parent.info.run_id}'",
-                              max_results=5000)
+    runs = tracking.child_runs(client, parent.info.experiment_id, parent.info.run_id)
     rows = []
     for run in runs:
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name,

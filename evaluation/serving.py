@@ -13,12 +13,12 @@ import mlflow.pyfunc
 
 class AdapterClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from trainers.inference import load_trained
+        from trainers import load_trained
 
         self.model, self.tokenizer, self.cfg = load_trained(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
-        from trainers.inference import predict_texts
+        from trainers import predict_texts
 
         texts = list(model_input["text"]) if hasattr(model_input, "columns") else [str(t) for t in model_input]
         return predict_texts(self.model, self.tokenizer, self.cfg, texts)

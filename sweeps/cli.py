@@ -1,16 +1,20 @@
-"""peftsweep: sweep | plan | report | promote | ui. Arguments after the command are Hydra overrides."""
+"""peftsweep: sweep | plan | trial | report | promote | ui. Arguments after the command are Hydra overrides."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# deprecation notes from inside transformers/peft, about calls peftsweep does not make itself
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 EXIT_CONFIG = 2
 
@@ -28,8 +32,8 @@ def _load(overrides):
 
 
 def _summary(cfg, sweep_id: str) -> str:
-    from evaluation.runs import find_parent, trial_table
-    from trainers.tracking import client
+    from evaluation.runs import trial_table
+    from trainers.tracking import client, find_parent
 
     c = client(cfg.trial.tracking)
     trials = trial_table(c, find_parent(c, cfg.trial.tracking.experiment, sweep_id))
@@ -41,34 +45,35 @@ def _summary(cfg, sweep_id: str) -> str:
 
 
 def cmd_plan(args) -> int:
-    from sweeps.runner import plan_trials
-    from trainers.estimate import predict_trial
-    from trainers.trial import arm_of
+    from sweeps.plan import build_plan
 
     cfg = _load(args.overrides)
-    trials = plan_trials(cfg)
+    plan = build_plan(cfg)
     packing = cfg.cluster.gpus_per_trial == "auto"
-    print(f"{len(trials)} trials, all valid (metric {cfg.metric}, searcher {cfg.searcher.name}, "
-          f"scheduler {cfg.scheduler.name}); memory is host RSS on CPU, allocated VRAM on CUDA:")
-    print(f"{'#':>3}  {'arm':44s} {'seed':>4} {'modules':>7} {'trainable':>12} {'trainable %':>11} "
+    print(f"{len(plan.trials)} trials, all valid (metric {cfg.metric}, searcher {cfg.searcher.name}, "
+          f"scheduler {cfg.scheduler.name}), in start order; memory is host RSS on CPU, allocated VRAM on CUDA:")
+    width = max(44, *(len(t.arm) for t in plan.trials))
+    print(f"{'#':>3}  {'arm':{width}s} {'seed':>4} {'modules':>7} {'trainable':>12} {'trainable %':>11} "
           f"{'pred. peak GB':>13}  device" + ("   GPU share (pred. GB on CUDA)" if packing else ""))
-    shares = []
-    for i, t in enumerate(trials):
-        row = predict_trial(t)
-        line = (f"{i:3d}  {arm_of(t):44s} {t.train.seed:4d} {row['targets'] or 'all':>7} {row['trainable']:12,d} "
-                f"{100 * row['trainable'] / row['total']:11.3f} {row['predicted_gb']:13.2f}  {row['device']}")
+    for i, t in enumerate(plan.trials):
+        line = (f"{i:3d}  {t.arm:{width}s} {t.seed:4d} {t.targets or 'all':>7} {t.trainable:12,d} "
+                f"{100 * t.trainable / t.total:11.3f} {t.predicted_gb:13.2f}  {t.device}")
         if packing:
-            from sweeps.packing import trial_gpu_request
-
-            share, on_gpu = trial_gpu_request(dataclasses.asdict(t), cfg.cluster)
-            shares.append(share)
-            line += f"   {share:.2f} ({on_gpu:.1f})"
+            line += f"   {t.gpu_share:.2f} ({t.predicted_gpu_gb:.1f})"
         print(line)
     if packing:
+        shares = [t.gpu_share for t in plan.trials]
         per_gpu = max(1, int(1 / max(shares) + 1e-9))
         print(f"\nPacking: GPU shares sum to {sum(shares):.2f}; at least {per_gpu} of the largest trials fit one GPU "
               f"({cfg.cluster.gpu_memory_gb or 'local'} GB x {cfg.cluster.gpu_headroom} headroom).")
     return 0
+
+
+def cmd_trial(args) -> int:
+    """One trial from the sweep's config tree (search, scheduler and cluster are ignored), without Ray."""
+    from trainers.__main__ import run
+
+    return run(_load(args.overrides).trial, args.json)
 
 
 def cmd_sweep(args) -> int:
@@ -148,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("plan", help="expand and validate every trial without training")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("trial", help="run one trial of the config tree in this process, without Ray")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    p.set_defaults(fn=cmd_trial)
     p = sub.add_parser("report", help="compare every arm with the full-FT arm")
     p.add_argument("--sweep", help="sweep id (default: the newest sweep)")
     p.add_argument("--out", default="reports", help="output folder")

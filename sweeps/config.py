@@ -1,18 +1,18 @@
-"""Compose the Hydra config and bind it to the sweep schema (dataclasses, checked at load).
+"""Compose the Hydra config tree (`conf/`) and bind it to the sweep schema (dataclasses, checked at load).
 
 The trial part (model, task, method, quant, train, tracking) is `trainers.config.TrialConfig`; the
-sweep adds search, searcher, scheduler, cluster and promote.
+sweep adds search, searcher, scheduler, cluster and promote. Hydra lives here only: trainers never sees it.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from trainers.composition import compose, conf_dir  # noqa: F401 - re-exported for callers
-from trainers.config import ConfigError, TrialConfig, _build, trial_config_from_dict
-
-TRIAL_SECTIONS = ("model", "task", "method", "quant", "train", "tracking")
+from trainers.config import TRIAL_SECTIONS, ConfigError, TrialConfig, build_section, trial_config_from_dict
 
 
 def _baseline_default() -> dict:
@@ -125,6 +125,9 @@ class SweepConfig:
     cluster: ClusterConfig
     promote: PromoteConfig
     name: str = "sweep"
+    # Dotted trial keys the user set on the command line (`method.r=16`): the plan refuses one that the
+    # search space also sets, since the space would silently win.
+    direct_keys: tuple = ()
 
     @property
     def metric(self) -> str:
@@ -137,8 +140,8 @@ _SECTIONS = {"search": SearchConfig, "searcher": SearcherConfig, "scheduler": Sc
 
 def sweep_config_from_dict(data: dict) -> SweepConfig:
     data = dict(data)
-    trial = trial_config_from_dict({k: data.pop(k) for k in (*TRIAL_SECTIONS, "output_dir") if k in data})
-    sections = {k: _build(cls, data.pop(k, None), k) for k, cls in _SECTIONS.items()}
+    trial = trial_config_from_dict({k: data.pop(k) for k in TRIAL_SECTIONS if k in data})
+    sections = {k: build_section(cls, data.pop(k, None), k) for k, cls in _SECTIONS.items()}
     name = data.pop("name", "sweep")
     data.pop("hydra", None)
     if data:
@@ -147,7 +150,59 @@ def sweep_config_from_dict(data: dict) -> SweepConfig:
 
 
 def load(overrides: list[str] | None = None) -> SweepConfig:
-    return sweep_config_from_dict(compose(overrides))
+    cfg = sweep_config_from_dict(compose(overrides))
+    cfg.direct_keys = tuple(direct_trial_keys(overrides or []))
+    return cfg
+
+
+def direct_trial_keys(overrides: list[str]) -> list[str]:
+    """The dotted trial keys a list of Hydra overrides sets (`method.r=16`, `+train.x=1`); group
+    selections (`model=minilm`) and deletions (`~key`) set none."""
+    keys = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        key = key.lstrip("+")
+        if sep and "." in key and not key.startswith("~") and key.split(".")[0] in TRIAL_SECTIONS:
+            keys.append(key)
+    return keys
+
+
+def conf_dir() -> str:
+    """The shipped Hydra config tree (repo `conf/`), or $PEFTSWEEP_CONF."""
+    env = os.environ.get("PEFTSWEEP_CONF")
+    return env or str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+    """Hydra compose → plain dict (interpolations resolved). Raises ConfigError with one line."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf errors are many types; all are config errors
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Could not find" in lines[0]:  # unknown group option: list the ones that exist
+        opts = []
+        if any(ln.startswith("Available options") for ln in lines):
+            start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options")) + 1
+            opts = [ln for ln in lines[start:] if not ln.startswith(("Config search path", "provider="))]
+            opts = opts[: next((i for i, o in enumerate(opts) if ":" in o), len(opts))]
+        return lines[0].replace("In 'config': ", "") + (f" (available: {', '.join(opts)})" if opts else "")
+    m = re.match(r"Could not override '([^']+)'", lines[0])
+    if m and len(lines) > 1 and lines[1].startswith("To append"):
+        return f"unknown config key {m[1]!r} (check the spelling; to add a new key use +{lines[1].split('+', 1)[1]})"
+    return lines[0]
 
 
 def trial_dict(cfg: SweepConfig) -> dict:

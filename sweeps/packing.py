@@ -38,18 +38,19 @@ def trial_gpu_request(trial: dict, cluster) -> tuple[float, float]:
     return gpu_fraction(predicted, gpu_capacity_gb(cluster), cluster.gpu_headroom), predicted
 
 
-def resources_fn(cluster, base: dict, search):
-    """Per-trial Ray resources: fixed, or sized by predicted memory when gpus_per_trial is auto."""
+def resources_fn(cluster, plan):
+    """Per-trial Ray resources: fixed, or the plan's GPU share when gpus_per_trial is auto (a trial with
+    sampled keys, whose memory the plan could not know, is sized when Ray draws it)."""
     if cluster.gpus_per_trial != "auto":
         return {"cpu": cluster.cpus_per_trial, "gpu": cluster.gpus_per_trial}
-    from sweeps.trainable import trial_dict_for
-
     cache: dict = {}
 
     def resources(config: dict) -> dict:
         key = repr(sorted(config.items()))
         if key not in cache:
-            fraction, _ = trial_gpu_request(trial_dict_for(config, base, search), cluster)
+            drawn = {k: v for k, v in config.items() if k not in ("arm", "seed")}
+            fraction = plan.gpu_share(config["arm"]) if not drawn else \
+                trial_gpu_request(plan.trial_dict(config["arm"], config["seed"], drawn), cluster)[0]
             cache[key] = {"cpu": cluster.cpus_per_trial, "gpu": min(1.0, fraction)}
         return cache[key]
     return resources

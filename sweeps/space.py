@@ -120,11 +120,16 @@ _UNUSED = {"ia3": ("r", "alpha", "init_lora_weights"), "full": ("r", "alpha", "i
                                                                    "target_modules")}
 
 
-def _effective(trial: dict) -> str:
+def effective(trial: dict) -> dict:
+    """A trial dict without what its method does not read and without tracking: one configuration."""
+    method = {k: v for k, v in trial["method"].items() if k not in _UNUSED.get(trial["method"]["name"], ())}
+    return {**{k: v for k, v in trial.items() if k != "tracking"}, "method": method}
+
+
+def _effective_key(trial: dict) -> str:
     import json
 
-    method = {k: v for k, v in trial["method"].items() if k not in _UNUSED.get(trial["method"]["name"], ())}
-    return json.dumps({**trial, "method": method}, sort_keys=True, default=str)
+    return json.dumps(effective(trial), sort_keys=True, default=str)
 
 
 def arms(search, base: dict) -> list[dict]:
@@ -136,10 +141,10 @@ def arms(search, base: dict) -> list[dict]:
     candidates = [dict(p, __arm__="adapter") for p in grid_points(dims)]
     if search.full_ft_arm:
         candidates.insert(0, dict(flatten_values(search.baseline), __arm__="baseline"))
-    sampled = {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
+    sampled = representatives(dims)
     seen, out = set(), []
     for arm in candidates:
-        key = _effective(resolve_trial(base, search, arm, search.seeds[0], sampled))
+        key = _effective_key(resolve_trial(base, search, arm, search.seeds[0], sampled))
         if key not in seen:
             seen.add(key)
             out.append(arm)
@@ -167,14 +172,14 @@ def resolve_trial(base: dict, search, arm: dict, seed: int, sampled: dict | None
 
 def expand(search, base: dict) -> list[dict]:
     """Every trial a grid sweep would run (sampled domains left as their spec), for plan and validation."""
-    dims = flatten(search.space)
-    sampled = {d.key: {d.kind: d.args} for d in dims if d.kind in SAMPLED}
-    trials = []
-    for arm in arms(search, base):
-        for seed in search.seeds:
-            draw = {k: _representative(v) for k, v in sampled.items()}
-            trials.append(resolve_trial(base, search, arm, seed, draw))
-    return trials
+    arm_list = arms(search, base)  # checks the space first
+    draw = representatives(flatten(search.space))
+    return [resolve_trial(base, search, arm, seed, draw) for arm in arm_list for seed in search.seeds]
+
+
+def representatives(dims: list[Dim]) -> dict:
+    """{key: a value inside its domain} for every sampled key: plan and validation type-check with it."""
+    return {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
 
 
 def _representative(spec: dict):
@@ -183,44 +188,9 @@ def _representative(spec: dict):
     return args[0]
 
 
-def labelled_arms(search, base: dict) -> dict[str, dict]:
-    """{readable label: arm overrides}: Ray's progress table and trial names show the label."""
-    from trainers.record import arm_label
-
-    dims = flatten(search.space)
-    sampled = {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
-    out: dict[str, dict] = {}
-    for arm in arms(search, base):
-        t = resolve_trial(base, search, arm, search.seeds[0], sampled)
-        m = t["method"]
-        label = arm_label(m["name"], m["r"], m["alpha"], m["target_modules"], t["quant"]["mode"], t["train"]["lr"])
-        if sampled and arm.get("__arm__") != "baseline":
-            label = label.rsplit("-lr", 1)[0] + "-" + ",".join(sorted(k.split(".")[-1] for k in sampled)) + "~"
-        if label in out:  # arms differing only in keys the label omits (dropout, init, ...)
-            label += "|" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in arm.items() if k != "__arm__")
-        out[label] = arm
-    return out
-
-
-def longest_first(search, base: dict) -> list[str]:
-    """Arm labels by predicted training FLOPs, most expensive first: Ray starts trials in this order, so
-    a sweep does not end waiting on one long trial started last (bench/packing.py, 12 mixed trials on 4
-    GPUs: 0.68 of the ideal makespan in grid order, 0.88 longest first). Ties keep the grid order."""
-    from trainers.config import trial_config_from_dict
-    from trainers.estimate import predict_train_flops
-
-    dims = flatten(search.space)
-    sampled = {d.key: _representative({d.kind: d.args}) for d in dims if d.kind in SAMPLED}
-    arms = labelled_arms(search, base)
-    cost = {label: predict_train_flops(trial_config_from_dict(resolve_trial(base, search, arm, search.seeds[0],
-                                                                            sampled)))
-            for label, arm in arms.items()}
-    return sorted(arms, key=lambda label: -cost[label])
-
-
-def param_space(search, searcher: str, base: dict, order: list[str] | None = None) -> dict:
-    """Ray Tune param_space: `arm` (a label; see labelled_arms), `seed`, and sampled keys by dotted name.
-    `order`: the arm labels in the order trials should start (see longest_first)."""
+def param_space(search, searcher: str, order: list[str]) -> dict:
+    """Ray Tune param_space: `arm` (a planned label, sweeps/plan.py), `seed`, and sampled keys by dotted
+    name. `order`: the arm labels in the order trials should start (the plan's, longest first)."""
     from ray import tune
 
     dims = flatten(search.space)
@@ -234,7 +204,7 @@ def param_space(search, searcher: str, base: dict, order: list[str] | None = Non
             space[d.key] = tune.loguniform(*d.args)
         elif d.kind == "randint":
             space[d.key] = tune.randint(*d.args)
-    all_arms = order or list(labelled_arms(search, base))
+    all_arms = list(order)
     if searcher == "optuna":
         # Optuna models categorical choices, not grids: arms and seeds become choices it samples.
         space["arm"] = tune.choice(all_arms)

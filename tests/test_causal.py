@@ -117,7 +117,7 @@ def test_likelihood_scoring_matches_one_unpadded_sequence_at_a_time(tiny_llama, 
     label, log P(answer | prompt) from a single unpadded forward pass."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from trainers import loop
+    from trainers import scoring
 
     cfg = _sft_cfg(tiny_llama, store)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -128,7 +128,7 @@ def test_likelihood_scoring_matches_one_unpadded_sequence_at_a_time(tiny_llama, 
     model.eval()
     rows = list(data.tokenize_sft(data.load_splits(cfg.task)["test"].head(12), tok, cfg.task))
     labels = list(cfg.task.labels)
-    preds, refs, loss = loop.predict_by_likelihood(model, rows, tok, labels, "cpu", batch_size=5)
+    preds, refs, loss = scoring.predict_by_likelihood(model, rows, tok, labels, "cpu", batch_size=5)
 
     answers = [tok(" " + lab + tok.eos_token, add_special_tokens=False)["input_ids"] for lab in labels]
     want_preds, nll, n_tokens = [], 0.0, 0

@@ -44,6 +44,26 @@ def test_method_option_sets_its_own_learning_rate():
     assert load(["method=lora"]).trial.train.lr == pytest.approx(1e-3)
 
 
+def test_the_default_yaml_states_the_dataclass_defaults():
+    """One source of defaults: composing the default config gives exactly the schema's defaults (a search
+    option's own content, its space, aside)."""
+    import dataclasses
+
+    from sweeps.config import SweepConfig, compose
+    from trainers.config import TrialConfig
+
+    cfg = load([])
+    assert cfg.trial == TrialConfig()
+    for field in dataclasses.fields(SweepConfig):
+        if field.name in ("trial", "name", "direct_keys"):
+            continue
+        composed, default = getattr(cfg, field.name), type(getattr(cfg, field.name))()
+        if field.name == "search":
+            composed = dataclasses.replace(composed, space={})
+        assert composed == default, field.name
+    assert compose([])["tracking"]["outage_timeout_s"] == TrialConfig().tracking.outage_timeout_s
+
+
 def test_unknown_key_in_a_group_is_refused():
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load(["train.lrr=3"])

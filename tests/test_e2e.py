@@ -124,7 +124,7 @@ def _champion_serves_like_direct_inference(store, c, winner):
     import time
     import urllib.request
 
-    from trainers.inference import load_trained, predict_texts
+    from trainers import load_trained, predict_texts
 
     local = c.download_artifacts(winner.info.run_id, record.ADAPTER_DIR, str(store["dir"]))
     model, tok, cfg = load_trained(local)

@@ -27,7 +27,7 @@ def _cfg(tiny_bert, **overrides):
 def test_qlora_on_cuda_trains_through_eval_passes(tiny_bert):
     """nf4 base, bf16 compute: every LoRA weight gets a gradient after every eval pass (the loop checks),
     the adapter moves, the frozen 4-bit base does not, and the loss on a repeated batch falls."""
-    from trainers import data, loop, quantization
+    from trainers import data, loop, quantization, scoring
     from trainers.methods import apply_method
     from trainers.model import load_model, load_tokenizer
     from trainers.modules import resolve_target_modules
@@ -45,7 +45,7 @@ def test_qlora_on_cuda_trains_through_eval_passes(tiny_bert):
 
     def on_eval(step, loss):
         losses.append(loss)
-        loop.predict_classification(net, loader, "cuda")  # an inference pass between training steps
+        scoring.predict(net, batch, tok, cfg, "cuda")  # an inference pass between training steps
 
     loop.train(net, [next(iter(loader))] * 20, cfg.train, "cuda", on_eval=on_eval)
     moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}

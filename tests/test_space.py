@@ -4,6 +4,7 @@ import pytest
 
 from sweeps import space
 from sweeps.config import SearchConfig, load, trial_dict
+from sweeps.plan import build_plan
 from trainers.config import ConfigError, trial_config_from_dict
 
 
@@ -53,12 +54,10 @@ def test_ray_param_space_matches_the_expansion():
 
     cfg = load([])
     base = trial_dict(cfg)
-    ps = space.param_space(cfg.search, "grid", base)
-    variants = [v for _, v in generate_variants(ps)]
-    from sweeps.trainable import trial_dict_for
-
+    plan = build_plan(cfg)
+    variants = [v for _, v in generate_variants(space.param_space(cfg.search, "grid", plan.order))]
     via_ray = sorted((t["method"]["name"], t["method"]["r"], str(t["method"]["target_modules"]))
-                     for t in (trial_dict_for(v, base, cfg.search) for v in variants))
+                     for t in (plan.trial_dict(v["arm"], v["seed"]) for v in variants))
     direct = sorted((t["method"]["name"], t["method"]["r"], str(t["method"]["target_modules"]))
                     for t in space.expand(cfg.search, base))
     assert via_ray == direct and len(direct) == 7
@@ -69,13 +68,17 @@ def test_sampled_domain_reaches_the_trial():
 
     cfg = load(["+search.space.train.lr={loguniform:[1e-4,1e-2]}", "search.full_ft_arm=false"])
     base = trial_dict(cfg)
-    from sweeps.trainable import trial_dict_for
-
-    lrs = [trial_dict_for(v, base, cfg.search)["train"]["lr"]
-           for _, v in generate_variants(space.param_space(cfg.search, "grid", base))]
+    plan = build_plan(cfg)
+    assert all(arm.endswith("-lr~") for arm in plan.order)  # the plan cannot know the drawn value
+    trials = [plan.trial_dict(v["arm"], v["seed"], {"train.lr": v["train.lr"]})
+              for _, v in generate_variants(space.param_space(cfg.search, "grid", plan.order))]
+    lrs = [t["train"]["lr"] for t in trials]
     assert len(lrs) == 6 and all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) > 1
     for v in lrs:
         trial_config_from_dict({**base, "train": {**base["train"], "lr": v}})
+    # each trial records its drawn value in its label: two draws of one arm are two configurations
+    recorded = [plan.label_of(t) for t in trials]
+    assert len(set(recorded)) == len(set(map(repr, lrs))) and all("-lr0." in label for label in recorded)
 
 
 def test_grid_points_that_are_one_configuration_train_once():
@@ -86,15 +89,17 @@ def test_grid_points_that_are_one_configuration_train_once():
     assert sorted((t["method"]["name"], t["method"]["r"]) for t in trials if t["train"]["seed"] == 0) == \
         [("ia3", 8), ("lora", 8), ("lora", 16)]
     assert len(trials) == 3 * 2
-    assert len(space.labelled_arms(s, _base())) == 3
+    assert len(space.arms(s, _base())) == 3
 
 
 def test_trials_start_most_expensive_first():
     """Full FT (6 FLOPs per weight) before all-linear LoRA before q,v LoRA; larger ranks first among equals."""
     cfg = load([])
-    order = space.longest_first(cfg.search, trial_dict(cfg))
+    plan = build_plan(cfg)
+    order = plan.order
     assert order[0] == "full-lr0.0001"
     assert [a.split("-")[1] for a in order[1:4]] == ["r16", "r8", "r4"] and all("all_linear" in a for a in order[1:4])
     assert all("attention_qv" in a for a in order[4:])
-    grid = space.param_space(cfg.search, "grid", trial_dict(cfg), order)["arm"]
+    assert [t.arm for t in plan.trials] == order  # one seed: the trials start in arm order
+    grid = space.param_space(cfg.search, "grid", order)["arm"]
     assert list(grid["grid_search"]) == order

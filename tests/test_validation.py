@@ -58,6 +58,13 @@ CASES = [
     (["promote.rule=fastest"], "promote.rule='fastest' is not one of best, cheapest_within, best_under_budget"),
     (["promote.rule=best_under_budget"], "promote.rule=best_under_budget needs promote.memory_budget_gb > 0"),
     (["promote.cost=dollars"], "promote.cost='dollars' is not peak_mem or device_hours"),
+    # a key set directly that the search space also sets would be silently overridden by the space
+    (["method.target_modules=[q_proj,v_proj]"], "method.target_modules is set directly, but "
+     "search.space.method.target_modules also sets it"),
+    (["search=tiny", "method.r=16"], "method.r is set directly, but search.space.method.r also sets it"),
+    # ASHA without intermediate evaluations could never stop a trial
+    (["scheduler=asha"], "scheduler=asha needs train.eval_every_steps"),
+    (["task.max_length=100000"], "task.max_length=100000 exceeds the 512 positions of minilm-l6"),
 ]
 
 

@@ -1,15 +1,33 @@
-"""One trial, Ray-free: `python -m trainers [--config trial.yaml] [key=value ...]`."""
+"""One trial, Ray-free: `python -m trainers [--config trial.yaml] [key=value ...]`.
+
+This package's public API, for the sweep layer, evaluation, notebooks and serving. `record` (the names a
+trial writes), `tracking` (the one MLflow module) and `config` (the schema) are public modules; everything
+else in `trainers` is internal (an import-linter contract in `make test` keeps `evaluation` to this surface).
+Heavy libraries load on first use of a function, not on `import trainers`.
+"""
 import logging
 
 # bitsandbytes warns at import that an optional CPU kernel package is missing; the fallback is fine.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from trainers.config import ConfigError, TrialConfig, load_trial_config, trial_config_from_dict
+from trainers.config import ConfigError, TrialConfig, load_trial_config, trial_config_from_dict  # noqa: E402
 
-__all__ = ["ConfigError", "TrialConfig", "load_trial_config", "trial_config_from_dict", "run_trial"]
+_LAZY = {
+    "run_trial": "trainers.trial", "run_trial_with_oom_retries": "trainers.trial",
+    "validate_trial": "trainers.validate", "predict_trial": "trainers.estimate",
+    "predict_train_flops": "trainers.estimate",
+    "load_trained": "trainers.inference", "write_base_reference": "trainers.inference",
+    "score_split": "trainers.scoring", "predict_texts": "trainers.scoring", "split_texts": "trainers.scoring",
+    "score_labels": "trainers.scoring",
+    "StopTrial": "trainers.tracking",
+}
+
+__all__ = ["ConfigError", "TrialConfig", "load_trial_config", "trial_config_from_dict", *_LAZY]
 
 
-def run_trial(*args, **kwargs):
-    from trainers.trial import run_trial as _run
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'trainers' has no attribute {name!r}")
+    import importlib
 
-    return _run(*args, **kwargs)
+    return getattr(importlib.import_module(_LAZY[name]), name)

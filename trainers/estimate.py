@@ -78,14 +78,6 @@ def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, b
                           runtime_gb=RUNTIME_CUDA_GB if kind == "cuda" else RUNTIME_CPU_GB)
 
 
-def shape_of(config) -> tuple[int, int, int]:
-    """(hidden, layers, heads) from an HF config, whatever the family calls them."""
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model")
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    return int(hidden), int(layers), int(heads)
-
-
 def sequence_length(cfg) -> int:
     """Tokens per training example at most: the truncated text, plus the answer for SFT (prompt template
     words and label tokens, a few dozen at most)."""
@@ -97,17 +89,16 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
     copy: no weights), and the predicted peak memory on the device it would run on."""
     import torch
 
+    from trainers.device import pick_device
     from trainers.methods import parameter_counts
-    from trainers.model import base_dtype
-    from trainers.trial import pick_device
-    from trainers.validate import _meta
+    from trainers.model import base_dtype, cached_meta_model, shape_of
 
     device = pick_device(cfg.train.device) if validate_device else cfg.train.device
     model, targets, config = _wrapped_meta(cfg)
     trainable, total = parameter_counts(model)
     hidden, layers, heads = shape_of(config)
     attention = cfg.model.attn_implementation or "sdpa"
-    modules = dict(_meta(cfg).named_modules())
+    modules = dict(cached_meta_model(cfg).named_modules())
     # with dropout, each adapted layer keeps its own dropped-out copy of its input (q, k and v: three copies
     # of one tensor); without, peft feeds the input itself and keeps only the rank-r output
     lora_family = cfg.method.name in ("lora", "rslora", "dora") and cfg.method.dropout > 0
@@ -127,10 +118,10 @@ def _wrapped_meta(cfg):
     import copy
 
     from trainers.methods import apply_method
+    from trainers.model import cached_meta_model
     from trainers.modules import resolve_target_modules
-    from trainers.validate import _meta
 
-    model = copy.deepcopy(_meta(cfg))
+    model = copy.deepcopy(cached_meta_model(cfg))
     targets = resolve_target_modules(model, cfg.method.target_modules) if cfg.method.is_adapter else []
     model = apply_method(model, cfg.method, targets, cfg.task.type)
     return model, targets, (model.config if hasattr(model, "config") else model.base_model.config)
@@ -147,6 +138,7 @@ def predict_train_flops(cfg) -> float:
     import math
 
     from trainers.flops import matmul_param_counts, transformer_flops_per_token
+    from trainers.model import shape_of
 
     model, _, config = _wrapped_meta(cfg)
     frozen, trainable = matmul_param_counts(model)

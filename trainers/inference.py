@@ -1,16 +1,16 @@
-"""Public API for code outside the trainer (promotion, serving): load trained weights onto their base
-model and score a split exactly as the trial did."""
+"""Load what a trial saved (an adapter onto its exact base model, or a full-FT model) for promotion, the
+reload check and serving; score it with trainers/scoring.py, the same path the trial evaluated with."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
 
-from trainers import data, loop, quantization, record
+from trainers import quantization, record
 from trainers.assets import base_model_reference
 from trainers.config import ConfigError, QuantConfig, TrialConfig, load_trial_config
+from trainers.device import pick_device
 from trainers.model import load_model, load_tokenizer
-from trainers.trial import _evaluate, pick_device
 
 BASE_MODEL_FILE = "base_model.json"  # written beside a promoted adapter: the base it needs, hashed
 
@@ -63,41 +63,3 @@ def load_trained(weights_dir: str, device: str = "auto", base_quant: str | None 
         model = cls.from_pretrained(weights_dir).to(device)
     model.eval()
     return model, tokenizer, cfg
-
-
-def score_split(model, tokenizer, cfg: TrialConfig, split: str = "test", device: str = "auto") -> dict:
-    """Task metrics of `split` (`test_accuracy`, ...), from the same deterministic partition."""
-    frame = data.load_splits(cfg.task)[split]
-    if cfg.task.type == "classification":
-        encoded = data.tokenize_classification(frame, tokenizer, cfg.task.max_length)
-    else:
-        encoded = data.tokenize_sft(frame, tokenizer, cfg.task)
-    return _evaluate(model, cfg, encoded, tokenizer, pick_device(device), split)
-
-
-def predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str = "auto") -> list[str]:
-    """Label names for raw texts: the classifier's argmax, or for a causal LM the label whose answer is
-    most likely after the task's prompt (the same scoring the trial evaluated with)."""
-    device = pick_device(device)
-    with loop.autocast_for(device, cfg.train.precision):
-        return _predict_texts(model, tokenizer, cfg, texts, device)
-
-
-def _predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str) -> list[str]:
-    import torch
-
-    if cfg.task.type != "classification":
-        rows = []
-        for text in texts:
-            ids = tokenizer(cfg.task.prompt_template.format(text=text), truncation=True,
-                            max_length=cfg.task.max_length)["input_ids"]
-            rows.append({"input_ids": ids, "prompt_len": len(ids), "class_label": 0})
-        preds, _, _ = loop.predict_by_likelihood(model, rows, tokenizer, list(cfg.task.labels), device, 16)
-        return [cfg.task.labels[p] for p in preds]
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 64):
-            batch = tokenizer(texts[i:i + 64], truncation=True, max_length=cfg.task.max_length,
-                              padding=True, return_tensors="pt").to(device)
-            out += [cfg.task.labels[j] for j in model(**batch).logits.argmax(-1).tolist()]
-    return out

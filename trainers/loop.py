@@ -1,4 +1,4 @@
-"""A plain PyTorch training loop and the evaluation passes (no Trainer: the loop is the recipe)."""
+"""A plain PyTorch training loop (no Trainer: the loop is the recipe); scoring lives in trainers/scoring.py."""
 from __future__ import annotations
 
 import math
@@ -107,59 +107,3 @@ def _assert_gradients(model) -> None:
     if missing:
         raise RuntimeError(f"{len(missing)} trainable parameters got no gradient (first: {missing[0]}); "
                            "training would silently do nothing")
-
-
-@torch.no_grad()
-def predict_classification(model, loader, device: str) -> tuple[list[int], list[int], float]:
-    """Predicted and true class indices, and the mean cross-entropy (a continuous signal for schedulers:
-    accuracy on a small validation set ties often)."""
-    model.eval()
-    preds, refs, loss_sum = [], [], 0.0
-    for batch in loader:
-        labels = batch.pop("labels")
-        logits = model(**_to(batch, device)).logits.float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
-        preds += logits.argmax(-1).tolist()
-        refs += labels.tolist()
-    return preds, refs, loss_sum / max(1, len(refs))
-
-
-@torch.no_grad()
-def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str,
-                          batch_size: int) -> tuple[list[int], list[int], float]:
-    """Causal LM: predict the label whose answer tokens are most likely after the prompt; also the mean
-    loss of the true answers (validation loss; exp of it is the answer perplexity).
-
-    Sequences are left-padded so every answer ends at the last position, and only the last
-    (longest answer + 1) positions get logits: the full [batch x labels, seq, vocab] fp32 logits of a
-    large-vocabulary model would be the biggest tensor of the whole evaluation."""
-    model.eval()
-    eos = tokenizer.eos_token or ""
-    answers = [tokenizer(" " + lab + eos, add_special_tokens=False)["input_ids"] for lab in labels]
-    keep = max(map(len, answers)) + 1
-    preds, refs, true_nll, true_tokens = [], [], 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
-        seqs = [row["input_ids"][: row["prompt_len"]] + ans for row in chunk for ans in answers]
-        width = max(map(len, seqs))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
-        try:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-        except TypeError:  # an architecture without logits_to_keep: compute all, keep the tail
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        logprobs = torch.log_softmax(logits[:, -keep:].float(), -1)
-        scores = []
-        for i, ans in enumerate(answers * len(chunk)):
-            n = len(ans)
-            # the logit at kept index k predicts the token after it: answer token j sits at keep - n + j
-            target = ids[i, width - n:]
-            scores.append(logprobs[i, keep - n - 1: keep - 1].gather(-1, target[:, None]).sum().item())
-        for j, row in enumerate(chunk):
-            per_label = scores[j * len(labels): (j + 1) * len(labels)]
-            preds.append(max(range(len(labels)), key=per_label.__getitem__))
-            refs.append(row["class_label"])
-            true_nll -= per_label[row["class_label"]]
-            true_tokens += len(answers[row["class_label"]])
-    return preds, refs, true_nll / max(1, true_tokens)

@@ -116,6 +116,34 @@ def load_model(cfg: TrialConfig, num_labels: int, tokenizer, device: str):
     return model
 
 
+def shape_of(config) -> tuple[int, int, int]:
+    """(hidden, layers, heads) from an HF config, whatever the family calls them."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model")
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    return int(hidden), int(layers), int(heads)
+
+
+def position_limit(config) -> int | None:
+    """The most token positions the model can embed (absolute or rotary tables), if its config says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+_META_MODELS: dict = {}
+
+
+def cached_meta_model(cfg: TrialConfig):
+    """meta_model, built once per process for each (model, task head) however many trials share it."""
+    key = (cfg.model.path, cfg.model.gguf_file, cfg.model.revision, cfg.task.type, len(cfg.task.labels))
+    if key not in _META_MODELS:
+        _META_MODELS[key] = meta_model(cfg, len(cfg.task.labels))
+    return _META_MODELS[key]
+
+
 def meta_model(cfg: TrialConfig, num_labels: int):
     """The module tree without weights (meta device): validates target modules in well under a second."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -1,7 +1,4 @@
-"""The names a trial writes to MLflow: the one contract the report and promotion read.
-
-`evaluation` imports this module and nothing else from `trainers`' internals.
-"""
+"""The names a trial writes to MLflow: the one contract the report and promotion read."""
 
 # Tags
 STATUS = "peftsweep.status"  # one of STATUSES; MLflow's own run status says only FINISHED/FAILED/KILLED
@@ -9,7 +6,9 @@ STATUSES = ("running", "ok", "oom", "failed", "pruned")
 ERROR = "peftsweep.error"
 SWEEP_ID = "peftsweep.sweep_id"
 ROLE = "peftsweep.role"  # "sweep" on the parent run, "trial" on children
-ARM = "peftsweep.arm"  # a stable label for the configuration without the seed, e.g. lora-r8-a16-attention_qv
+# The configuration without the seed, as the sweep's plan labels it (sweeps/plan.py): unique per configuration
+# within a sweep, so the report groups runs by it. A trial run alone is labelled trial-<its key>.
+ARM = "peftsweep.arm"
 DEVICE = "peftsweep.device"
 GIT_COMMIT = "peftsweep.git_commit"
 PRUNED_AT_STEP = "peftsweep.pruned_at_step"
@@ -63,26 +62,5 @@ def trial_key(trial: dict) -> str:
     import hashlib
     import json
 
-    core = {k: v for k, v in trial.items() if k not in ("tracking", "output_dir")}
+    core = {k: v for k, v in trial.items() if k != "tracking"}
     return hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def arm_label(method: str, r, alpha, target_modules, quantization: str, lr) -> str:
-    """Configuration without the seed: runs sharing it are repeats of one arm."""
-    if method == "full":
-        base = "full"
-    elif method == "ia3":
-        base = f"ia3-{_modules_label(target_modules)}"
-    else:
-        base = f"{method}-r{int(r)}-a{_num(alpha)}-{_modules_label(target_modules)}"
-    if quantization and quantization != "none":
-        base += f"-{quantization}"
-    return f"{base}-lr{_num(lr)}"
-
-
-def _modules_label(target_modules) -> str:
-    return target_modules if isinstance(target_modules, str) else "+".join(target_modules)
-
-
-def _num(x) -> str:
-    return f"{float(x):g}"

@@ -1,4 +1,7 @@
-"""MLflow writes for one trial: a child run under the sweep's parent run, never left RUNNING.
+"""The one MLflow module: every run that peftsweep writes or reads goes through here. A trial's child run
+(a context manager that maps how the trial ended to its status), the sweep's parent run, orphaned and
+pruned runs, and the searches the report, promotion and --resume make. `write_status` is the only writer
+of a run's outcome, so a run is never left RUNNING and its status always means the same thing.
 
 Uses MlflowClient with explicit run ids (no global active run), so it is safe in Ray workers and in
 processes that run several trials.
@@ -9,7 +12,9 @@ import functools
 import os
 import re
 import subprocess
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from trainers import record
@@ -147,6 +152,7 @@ class TrialRun:
     def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict):
         self.enabled = cfg.enabled
         self.run_id = None
+        self.closed = False
         if not self.enabled:
             return
         if cfg.uri.startswith(("http://", "https://")):
@@ -205,13 +211,125 @@ class TrialRun:
             self.outbox.send(self.client.log_artifacts, self.run_id, local_dir, artifact_path, wait=True)
 
     def finish(self, status: str, error: str | None = None) -> None:
-        """Record the outcome; MLflow's own status follows (ok/pruned → FINISHED, else FAILED). Blocks until
-        every buffered write is delivered: the trial's record is complete or the trial fails loudly."""
+        """Record the outcome; blocks until every buffered write is delivered, so the trial's record is
+        complete or the trial fails loudly."""
+        self.closed = True
         if not self.enabled:
             return
-        tags = {record.STATUS: status}
-        if error:
-            tags[record.ERROR] = error[:5000]
-        self.set_tags(tags)
-        self.outbox.send(self.client.set_terminated, self.run_id,
-                         "FINISHED" if status in ("ok", "pruned") else "FAILED", wait=True)
+        self.outbox.send(write_status, self.client, self.run_id, status, error, wait=True)
+
+    def __enter__(self) -> "TrialRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """The trial's outcome from how its body ended: normally → ok, StopTrial → pruned (swallowed: a
+        scheduler's stop is an outcome, not an error), out of memory → oom, anything else → failed."""
+        if self.closed:
+            return False
+        if exc is None:
+            self.finish("ok")
+            return False
+        if isinstance(exc, StopTrial):
+            self.set_tags({record.PRUNED_AT_STEP: exc.step})
+            self.finish("pruned")
+            return True
+        oom = type(exc).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch
+        detail = f"{type(exc).__name__}: {exc}" if oom else \
+            "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.finish("oom" if oom else "failed", redact(detail))
+        return False
+
+
+class StopTrial(Exception):
+    """Raised by a trial's report callback when the scheduler stops the trial early; its run records `pruned`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by the scheduler at step {step}")
+        self.step = step
+
+
+# MLflow's own run status for each of ours: ok and pruned trials ran as intended, the rest did not.
+_MLFLOW_STATUS = {"ok": "FINISHED", "pruned": "FINISHED", "oom": "FAILED", "failed": "FAILED"}
+
+
+def write_status(c, run_id: str, status: str, error: str | None = None, mlflow_status: str | None = None) -> None:
+    """The only writer of a run's outcome: the `peftsweep.status` tag, the reason, and MLflow's run status
+    (`running` leaves the run open; KILLED marks a run ended from outside: a dead process or a stopped sweep)."""
+    from mlflow.entities import RunTag
+
+    if status not in record.STATUSES:
+        raise ValueError(f"unknown run status {status!r}")
+    tags = [RunTag(record.STATUS, status)] + ([RunTag(record.ERROR, redact(error)[:5000])] if error else [])
+    c.log_batch(run_id, tags=tags)
+    if status != "running":
+        c.set_terminated(run_id, mlflow_status or _MLFLOW_STATUS[status])
+
+
+def open_sweep_run(cfg: TrackingConfig, sweep_id: str, params: dict, config_yaml: str) -> tuple[str, str]:
+    """The sweep's parent run (status running), with its params and the sweep config it can resume from."""
+    c = client(cfg)
+    exp_id = experiment_id(cfg)
+    run = c.create_run(exp_id, run_name=sweep_id, tags={record.ROLE: "sweep", record.SWEEP_ID: sweep_id,
+                                                        record.STATUS: "running", record.GIT_COMMIT: git_commit()})
+    for k, v in params.items():
+        c.log_param(run.info.run_id, k, redact(v)[:6000])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / SWEEP_CONFIG_FILE
+        path.write_text(redact(config_yaml))
+        c.log_artifact(run.info.run_id, str(path))
+    return exp_id, run.info.run_id
+
+
+SWEEP_CONFIG_FILE = "sweep_config.yaml"
+
+
+def saved_sweep_config(c, parent) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(c.download_artifacts(parent.info.run_id, SWEEP_CONFIG_FILE, tmp)).read_text()
+
+
+def find_parent(c, experiment: str, sweep_id: str | None = None):
+    """The parent run of `sweep_id`, or of the newest sweep in `experiment`."""
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment named {experiment!r} in this tracking store")
+    flt = f"tags.`{record.ROLE}` = 'sweep'"
+    if sweep_id:
+        flt += f" and tags.`{record.SWEEP_ID}` = '{sweep_id}'"
+    runs = c.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                         max_results=1)
+    if not runs:
+        raise LookupError(f"no sweep {sweep_id!r} in experiment {experiment!r}" if sweep_id
+                          else f"no sweep in experiment {experiment!r}: run `peftsweep sweep` first")
+    return runs[0]
+
+
+def child_runs(c, experiment_id_: str, parent_run_id: str, extra_filter: str = "", max_results: int = 5000):
+    """The trial runs of one sweep (optionally narrowed by an MLflow filter expression)."""
+    flt = f"tags.`{record.PARENT_RUN_ID}` = '{parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
+    return c.search_runs([experiment_id_], filter_string=flt, max_results=max_results)
+
+
+def finished_twin(cfg: TrackingConfig, trial_key: str):
+    """A run of this sweep with the same trial key that already finished ok, or None (--resume)."""
+    runs = child_runs(client(cfg), experiment_id(cfg), cfg.parent_run_id,
+                      f"tags.`{record.TRIAL_KEY}` = '{trial_key}' and tags.`{record.STATUS}` = 'ok'", 1)
+    return runs[0] if runs else None
+
+
+def close_orphans(c, experiment_id_: str, parent_run_id: str, reason: str) -> int:
+    """Child runs still RUNNING belong to trials whose process died (killed, OOM-killed, pruned by Ray
+    while training, or a stopped sweep): say so instead of leaving them RUNNING forever."""
+    orphans = child_runs(c, experiment_id_, parent_run_id, "attributes.status = 'RUNNING'")
+    for run in orphans:
+        write_status(c, run.info.run_id, "failed", reason, mlflow_status="KILLED")
+    return len(orphans)
+
+
+def mark_pruned(c, run_id: str, step) -> bool:
+    """A trial the scheduler ended between reports, before it could record `pruned` itself."""
+    if c.get_run(run_id).info.status != "RUNNING":
+        return False
+    c.set_tag(run_id, record.PRUNED_AT_STEP, str(step))
+    write_status(c, run_id, "pruned")
+    return True

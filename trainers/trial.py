@@ -1,38 +1,28 @@
 """One trial, top to bottom: data → model (+ quantization) → method → train → evaluate → measure →
-save → log. Runs the same with or without Ray; Ray only passes `report` and the CPUs it granted."""
+save → log. Runs the same with or without Ray; a caller passes only `report` (where intermediate results
+go), the CPUs it granted, the arm label it planned and extra tags. How the trial ended becomes its run's
+status in one place (the `TrialRun` context manager of trainers/tracking.py)."""
 from __future__ import annotations
 
 import gc
 import os
-import warnings
-
-# Library chatter (load reports, progress bars) buries the sweep's own output.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-warnings.filterwarnings("ignore", category=FutureWarning)
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from trainers import data, loop, memory, quantization, record
+from trainers import data, loop, memory, quantization, record, scoring
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
+from trainers.device import pick_device
 from trainers.methods import apply_method, parameter_counts, upcast_trainable
-from trainers.metrics import classification_metrics
-from trainers.model import load_model, load_tokenizer
+from trainers.model import load_model, load_tokenizer, shape_of
 from trainers.modules import resolve_target_modules, summarize
-from trainers.tracking import TrialRun, redact
+from trainers.tracking import StopTrial, TrialRun
 
+# Receives intermediate and final results; raises StopTrial when a scheduler ends the trial early.
 Report = Callable[[dict], None]
-
-
-def pick_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
 
 
 def trial_params(cfg: TrialConfig) -> dict:
@@ -96,39 +86,10 @@ def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
     raise AssertionError("unreachable")
 
 
-def arm_of(cfg: TrialConfig) -> str:
-    m = cfg.method
-    return record.arm_label(m.name, m.r, m.alpha, m.target_modules, cfg.quant.mode, cfg.train.lr)
-
-
-def _evaluate(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str) -> dict:
-    """Task metrics of one split as {`<prefix>_accuracy`: ..., ...}."""
-    with loop.autocast_for(device, cfg.train.precision):
-        return _score(net, cfg, split, tokenizer, device, prefix)
-
-
-def _score(net, cfg: TrialConfig, split, tokenizer, device: str, prefix: str) -> dict:
-    if cfg.task.type == "classification":
-        # Length-sorted batches pad little: evaluation costs about half as much as in data order.
-        lengths = [len(ids) for ids in split["input_ids"]]
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        loader = torch.utils.data.DataLoader(split.select(order), batch_size=cfg.train.eval_batch_size,
-                                             collate_fn=data.collate(tokenizer))
-        preds, refs, loss = loop.predict_classification(net, loader, device)
-        scores = {**classification_metrics(preds, refs, len(cfg.task.labels)), "loss": loss}
-    else:
-        preds, refs, loss = loop.predict_by_likelihood(net, list(split), tokenizer, list(cfg.task.labels),
-                                                       device, cfg.train.eval_batch_size)
-        scores = {**classification_metrics(preds, refs, len(cfg.task.labels)),
-                  "loss": loss, "perplexity": float(torch.exp(torch.tensor(loss)))}
-    return {record.metric_key(prefix, k): v for k, v in scores.items()}
-
-
 def throughput(net, stats: dict, device: str) -> dict:
     """Model FLOPs per token (LoRA-aware: a frozen weight costs 4, a trained one 6), achieved TFLOP/s,
     and MFU against the device's dense peak for the precision trained in (CUDA only: CPUs have no
     agreed peak, so their MFU is left out rather than guessed)."""
-    from trainers.estimate import shape_of
     from trainers.flops import matmul_param_counts, mfu, peak_flops_for_device, transformer_flops_per_token
 
     frozen, trainable = matmul_param_counts(net)
@@ -148,117 +109,111 @@ def _dir_mb(path: Path) -> float:
 
 
 def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Optional[int] = None,
-              fault_hook: Optional[Callable[[int], None]] = None, tags: Optional[dict] = None) -> dict:
+              fault_hook: Optional[Callable[[int], None]] = None, tags: Optional[dict] = None,
+              arm: Optional[str] = None) -> dict:
     """Run one configuration end to end and return its metrics (also logged to MLflow when enabled).
-    `tags` are extra run tags from the caller (the sweep adds where Ray placed the trial)."""
+    `arm`: the label a sweep planned for this configuration (its report groups runs by it); a trial run on
+    its own is labelled by its trial key. `tags` are extra run tags (the sweep adds where Ray placed it)."""
     wall_start = time.perf_counter()
     threads = cfg.train.num_threads or num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)  # a 1-CPU Ray trial must not fight its neighbour for cores
     device = pick_device(cfg.train.device)
-    arm = arm_of(cfg)
-    run = TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
-                   tags={record.ARM: arm, record.DEVICE: memory.device_name(device),
-                         record.TRIAL_KEY: record.trial_key(trial_config_to_dict(cfg)), **(tags or {})})
+    key = record.trial_key(trial_config_to_dict(cfg))
+    arm = arm or f"trial-{key[:8]}"
     metric_name = record.metric_key("val", cfg.task.metric)
     try:
-        torch.manual_seed(cfg.train.seed)
+        with TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
+                      tags={record.ARM: arm, record.DEVICE: memory.device_name(device), record.TRIAL_KEY: key,
+                            **(tags or {})}) as run:
+            torch.manual_seed(cfg.train.seed)
 
-        # 1. data: the label set fixes the classifier head
-        splits = data.load_splits(cfg.task)
-        tokenizer = load_tokenizer(cfg)
+            # 1. data: the label set fixes the classifier head
+            splits = data.load_splits(cfg.task)
+            tokenizer = load_tokenizer(cfg)
 
-        # 2. base model, quantized or not; activation checkpointing trades step time for memory
-        net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
-        net = quantization.prepare_for_training(net, cfg.quant)
-        if cfg.train.gradient_checkpointing:
-            # non-reentrant: works with a frozen base, no need to make the inputs require grad
-            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(net.config, "use_cache"):
-                net.config.use_cache = False
+            # 2. base model, quantized or not; activation checkpointing trades step time for memory
+            net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
+            net = quantization.prepare_for_training(net, cfg.quant)
+            if cfg.train.gradient_checkpointing:
+                # non-reentrant: works with a frozen base, no need to make the inputs require grad
+                net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(net.config, "use_cache"):
+                    net.config.use_cache = False
 
-        # 3. method: adapters on resolved modules, or every weight for full fine-tuning
-        targets = resolve_target_modules(net, cfg.method.target_modules) if cfg.method.is_adapter else []
-        net = apply_method(net, cfg.method, targets, cfg.task.type)
-        upcast_trainable(net)
-        if device == "cpu":
-            quantization.patch_cpu_layers(net)
-        trainable, total = parameter_counts(net)
-        run.log_params({"target_modules_resolved": summarize(targets) or "all", "n_target_modules": len(targets),
-                        "num_threads": torch.get_num_threads(), "precision": cfg.train.precision,
-                        "gradient_checkpointing": cfg.train.gradient_checkpointing,
-                        "attn_implementation": getattr(net.config, "_attn_implementation", None)})
+            # 3. method: adapters on resolved modules, or every weight for full fine-tuning
+            targets = resolve_target_modules(net, cfg.method.target_modules) if cfg.method.is_adapter else []
+            net = apply_method(net, cfg.method, targets, cfg.task.type)
+            upcast_trainable(net)
+            if device == "cpu":
+                quantization.patch_cpu_layers(net)
+            trainable, total = parameter_counts(net)
+            run.log_params({"target_modules_resolved": summarize(targets) or "all",
+                            "n_target_modules": len(targets), "num_threads": torch.get_num_threads(),
+                            "precision": cfg.train.precision,
+                            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                            "attn_implementation": getattr(net.config, "_attn_implementation", None)})
 
-        # 4. tokenize
-        if cfg.task.type == "classification":
-            encoded = {k: data.tokenize_classification(v, tokenizer, cfg.task.max_length) for k, v in splits.items()}
-        else:
-            encoded = {k: data.tokenize_sft(v, tokenizer, cfg.task) for k, v in splits.items()}
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        train_loader = torch.utils.data.DataLoader(encoded["train"], batch_size=cfg.train.batch_size,
-                                                   shuffle=True, generator=generator,
-                                                   collate_fn=data.collate(tokenizer))
+            # 4. tokenize, as scoring reads each split
+            encoded = {name: scoring.encode(frame, tokenizer, cfg) for name, frame in splits.items()}
+            generator = torch.Generator().manual_seed(cfg.train.seed)
+            train_loader = torch.utils.data.DataLoader(encoded["train"], batch_size=cfg.train.batch_size,
+                                                       shuffle=True, generator=generator,
+                                                       collate_fn=data.collate(tokenizer))
 
-        # 5. train, with validation passes the scheduler can act on
-        def on_eval(step: int, loss: float) -> None:
-            scores = _evaluate(net, cfg, encoded["validation"], tokenizer, device, "val")
-            run.log_metrics({**scores, record.TRAIN_LOSS: loss}, step=step)
+            # 5. train, with validation passes the scheduler can act on
+            def on_eval(step: int, loss: float) -> None:
+                scores = scoring.evaluate(net, encoded["validation"], tokenizer, cfg, device, "val")
+                run.log_metrics({**scores, record.TRAIN_LOSS: loss}, step=step)
+                if report:
+                    report({**scores, record.TRAIN_LOSS: loss, record.STEP: step, "mlflow_run_id": run.run_id})
+
+            memory.reset_cuda_peak(device)
+            stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval,
+                               fault_hook=fault_hook or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
+            train_peaks = memory.cuda_peaks(device)
+            driver_view = memory.nvml_process_gb(device)  # read before eval frees or grows the pool
+            speed = throughput(net, stats, device)
+
+            # 6. evaluate: validation selects, test reports
+            memory.reset_cuda_peak(device)
+            eval_start = time.perf_counter()
+            scores = {**scoring.evaluate(net, encoded["validation"], tokenizer, cfg, device, "val"),
+                      **scoring.evaluate(net, encoded["test"], tokenizer, cfg, device, "test")}
+            eval_time = time.perf_counter() - eval_start
+            eval_peaks = memory.cuda_peaks(device)
+
+            # 7. save what would ship: the adapter (or the whole model for full FT), as safetensors
+            with tempfile.TemporaryDirectory() as tmp:
+                ship_dir = Path(tmp) / (record.ADAPTER_DIR if cfg.method.is_adapter else "model")
+                net.save_pretrained(ship_dir, safe_serialization=True)
+                dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
+                adapter_mb = _dir_mb(ship_dir)
+                if cfg.tracking.save_adapter:
+                    run.log_artifacts(str(ship_dir), ship_dir.name)
+
+            # 8. measure and log
+            results = {
+                **scores, record.TRAIN_LOSS: stats["train_loss"], record.STEP: stats["steps"],
+                record.TRAIN_TIME_S: stats["train_time_s"], record.EVAL_TIME_S: eval_time,
+                record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
+                record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
+                record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
+                **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks}, **driver_view,
+                **{f"train_{k}": v for k, v in train_peaks.items()},
+                **{f"eval_{k}": v for k, v in eval_peaks.items()},
+                record.WALL_TIME_S: time.perf_counter() - wall_start,
+            }
+            run.log_metrics(results, step=stats["steps"])
+            run.finish("ok")
+            results.update({"status": "ok", "mlflow_run_id": run.run_id, "arm": arm})
             if report:
-                report({**scores, record.TRAIN_LOSS: loss, record.STEP: step, "mlflow_run_id": run.run_id})
-
-        memory.reset_cuda_peak(device)
-        stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval,
-                           fault_hook=fault_hook or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
-        train_peaks = memory.cuda_peaks(device)
-        driver_view = memory.nvml_process_gb(device)  # read before eval frees or grows the pool
-        speed = throughput(net, stats, device)
-
-        # 6. evaluate: validation selects, test reports
-        memory.reset_cuda_peak(device)
-        eval_start = time.perf_counter()
-        scores = {**_evaluate(net, cfg, encoded["validation"], tokenizer, device, "val"),
-                  **_evaluate(net, cfg, encoded["test"], tokenizer, device, "test")}
-        eval_time = time.perf_counter() - eval_start
-        eval_peaks = memory.cuda_peaks(device)
-
-        # 7. save what would ship: the adapter (or the whole model for full FT), as safetensors
-        with tempfile.TemporaryDirectory() as tmp:
-            ship_dir = Path(tmp) / (record.ADAPTER_DIR if cfg.method.is_adapter else "model")
-            net.save_pretrained(ship_dir, safe_serialization=True)
-            dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
-            adapter_mb = _dir_mb(ship_dir)
-            if cfg.tracking.save_adapter:
-                run.log_artifacts(str(ship_dir), ship_dir.name)
-
-        # 8. measure and log
-        results = {
-            **scores, record.TRAIN_LOSS: stats["train_loss"], record.STEP: stats["steps"],
-            record.TRAIN_TIME_S: stats["train_time_s"], record.EVAL_TIME_S: eval_time,
-            record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
-            record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
-            record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
-            **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks}, **driver_view,
-            **{f"train_{k}": v for k, v in train_peaks.items()}, **{f"eval_{k}": v for k, v in eval_peaks.items()},
-            record.WALL_TIME_S: time.perf_counter() - wall_start,
-        }
-        run.log_metrics(results, step=stats["steps"])
-        run.finish("ok")
-        results.update({"status": "ok", "mlflow_run_id": run.run_id, "arm": arm})
-        if report:
-            try:
-                report({**results, metric_name: scores[metric_name]})
-            except loop.StopTrial:
-                pass  # a stop at the final report (ASHA at max_t) comes after the trial finished: still ok
-        return results
-    except loop.StopTrial as stop:
-        run.set_tags({record.PRUNED_AT_STEP: stop.step})
-        run.finish("pruned")
+                try:
+                    report({**results, metric_name: scores[metric_name]})
+                except StopTrial:
+                    pass  # a stop at the final report (ASHA at max_t) comes after the trial finished: still ok
+            return results
+        # reached only when the scheduler stopped the trial: its run recorded `pruned`
         return {"status": "pruned", "mlflow_run_id": run.run_id, "arm": arm}
-    except torch.OutOfMemoryError as exc:
-        run.finish("oom", redact(f"{type(exc).__name__}: {exc}"))
-        raise
-    except BaseException as exc:
-        run.finish("failed", redact("".join(traceback.format_exception_only(type(exc), exc)).strip()))
-        raise
     finally:
         gc.collect()
         if device.startswith("cuda"):

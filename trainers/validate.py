@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from trainers import data, quantization
 from trainers.config import ConfigError, TrialConfig
-from trainers.model import meta_model
+from trainers.device import pick_device
+from trainers.estimate import sequence_length
+from trainers.model import cached_meta_model, position_limit
 from trainers.modules import min_dim, resolve_target_modules
-from trainers.trial import pick_device
-
 
 _SOURCES: dict = {}
-_MODELS: dict = {}
 
 
 def _source_facts(task) -> tuple[tuple[str, ...], dict]:
@@ -22,13 +21,6 @@ def _source_facts(task) -> tuple[tuple[str, ...], dict]:
                   if task.label_column in frame else {})
         _SOURCES[key] = (tuple(map(str, frame.columns)), counts)
     return _SOURCES[key]
-
-
-def _meta(cfg: TrialConfig):
-    key = (cfg.model.path, cfg.model.gguf_file, cfg.model.revision, cfg.task.type, len(cfg.task.labels))
-    if key not in _MODELS:
-        _MODELS[key] = meta_model(cfg, len(cfg.task.labels))
-    return _MODELS[key]
 
 
 def validate_trial(cfg: TrialConfig) -> list[str]:
@@ -57,9 +49,14 @@ def validate_trial(cfg: TrialConfig) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
     try:
-        model = _meta(cfg)
+        model = cached_meta_model(cfg)
     except ConfigError as exc:
         return problems + [str(exc)]
+    limit = position_limit(model.config)
+    if limit and sequence_length(cfg) > limit:
+        # past the position table the model fails mid-trial (absolute positions) or degrades silently (rotary)
+        problems.append(f"task.max_length={cfg.task.max_length} exceeds the {limit} positions of {cfg.model.name}"
+                        + (" (with the answer tokens a causal LM adds)" if cfg.task.type != "classification" else ""))
     if cfg.method.is_adapter:
         try:
             targets = resolve_target_modules(model, cfg.method.target_modules)

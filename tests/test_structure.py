@@ -1,0 +1,68 @@
+"""Rules of structure that are checks, not comments: the import contracts cover every module, one module
+writes a run's status, and a trial runs without Ray or Hydra."""
+import ast
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PUBLIC = {"__init__", "record", "tracking", "config"}  # trainers' public API (see trainers/__init__.py)
+
+
+def test_every_internal_trainers_module_is_protected_by_the_contract():
+    contracts = configparser.ConfigParser()
+    contracts.read(REPO / ".importlinter")
+    protected = set(contracts["importlinter:contract:trainers-public-api"]["protected_modules"].split())
+    modules = {p.stem for p in (REPO / "trainers").glob("*.py")} - PUBLIC
+    assert protected == {f"trainers.{m}" for m in modules}
+
+
+def test_import_contracts_hold():
+    proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "0 broken" in proc.stdout, proc.stdout[-3000:]
+
+
+def _writes_status(node: ast.Call) -> bool:
+    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    if name == "set_terminated":
+        return True
+    mentions = any(isinstance(n, ast.Attribute) and n.attr == "STATUS" for arg in [*node.args, *node.keywords]
+                   for n in ast.walk(arg))
+    return name in ("set_tag", "set_tags", "log_batch", "create_run") and mentions
+
+
+def test_only_the_tracking_module_writes_a_run_status():
+    writers = []
+    for package in ("trainers", "sweeps", "evaluation"):
+        for path in (REPO / package).glob("*.py"):
+            if path.name == "tracking.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and _writes_status(node):
+                    writers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not writers, writers
+
+
+def test_a_trial_runs_without_ray_or_hydra(tiny_bert, tmp_path):
+    """`python -m trainers` end to end in a fresh interpreter that never imports Ray, Hydra or OmegaConf."""
+    script = (
+        "import sys, runpy\n"
+        f"sys.argv = ['trainers', 'model.path={tiny_bert}', 'model.name=tiny-bert', 'tracking.enabled=false',"
+        " 'task.train_size=32', 'task.validation_size=16', 'task.test_size=16', 'train.max_steps=2', '--json']\n"
+        "try:\n    runpy.run_module('trainers', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "loaded = sorted(m for m in ('ray', 'hydra', 'omegaconf') if m in sys.modules)\n"
+        "print('LOADED', loaded, 'EXIT', code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "LOADED [] EXIT 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '"status": "ok"' in proc.stdout
+
+
+def test_a_config_group_on_the_ray_free_entry_point_points_to_peftsweep_trial(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainers", "model=smollm2_135m"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 'model=smollm2_135m' selects a config group: "
+                                                           "run `peftsweep trial model=smollm2_135m`")

@@ -1,0 +1,136 @@
+"""Scoring, written once: the trial's validation and test passes, the fresh-process reload check, serving
+and merge damage all encode a split and predict through these functions, so they cannot drift apart.
+
+Classification models predict by argmax of their head; a causal LM predicts the label whose answer tokens
+are most likely after the task's prompt. Metrics come from the local `evaluate` modules (trainers/metrics.py).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from trainers import data, loop, record
+from trainers.config import TrialConfig
+from trainers.device import pick_device
+from trainers.metrics import classification_metrics
+
+
+def encode(frame: pd.DataFrame, tokenizer, cfg: TrialConfig):
+    """A split's frame (text, label) as the model reads it, by task type."""
+    if cfg.task.type == "classification":
+        return data.tokenize_classification(frame, tokenizer, cfg.task.max_length)
+    return data.tokenize_sft(frame, tokenizer, cfg.task)
+
+
+def predict(model, encoded, tokenizer, cfg: TrialConfig, device: str) -> tuple[list[int], list[int], float]:
+    """(predicted class per row, in row order; true class per row; mean loss), under the training autocast:
+    a bf16 base with fp32 adapters and head only composes there."""
+    with loop.autocast_for(device, cfg.train.precision):
+        if cfg.task.type == "classification":
+            return _predict_classification(model, encoded, tokenizer, device, cfg.train.eval_batch_size)
+        return predict_by_likelihood(model, list(encoded), tokenizer, list(cfg.task.labels), device,
+                                     cfg.train.eval_batch_size)
+
+
+def metrics(cfg: TrialConfig, predictions: list[int], references: list[int], loss: float | None = None) -> dict:
+    """Task metrics by bare name (accuracy, macro_f1, loss; perplexity of the answers for a causal LM)."""
+    out = classification_metrics(predictions, references, len(cfg.task.labels))
+    if loss is not None:
+        out["loss"] = loss
+        if cfg.task.type != "classification":
+            out["perplexity"] = float(torch.exp(torch.tensor(loss)))
+    return out
+
+
+def evaluate(model, encoded, tokenizer, cfg: TrialConfig, device: str, prefix: str) -> dict:
+    """Task metrics of one encoded split as MLflow names them ({`<prefix>_accuracy`: ..., ...})."""
+    preds, refs, loss = predict(model, encoded, tokenizer, cfg, device)
+    return {record.metric_key(prefix, k): v for k, v in metrics(cfg, preds, refs, loss).items()}
+
+
+def score_split(model, tokenizer, cfg: TrialConfig, split: str = "test", device: str = "auto") -> dict:
+    """Task metrics of `split` (`test_accuracy`, ...), from the same deterministic partition the trial used."""
+    frame = data.load_splits(cfg.task)[split]
+    return evaluate(model, encode(frame, tokenizer, cfg), tokenizer, cfg, pick_device(device), split)
+
+
+def predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str = "auto") -> list[str]:
+    """Label names for raw texts, predicted exactly as a split is scored."""
+    frame = pd.DataFrame({"text": [str(t) for t in texts], "label": [0] * len(texts)})
+    preds, _, _ = predict(model, encode(frame, tokenizer, cfg), tokenizer, cfg, pick_device(device))
+    return [cfg.task.labels[p] for p in preds]
+
+
+def split_texts(cfg: TrialConfig, split: str = "test") -> list[str]:
+    """The raw texts of a split, for a consumer that predicts them its own way (the reload check)."""
+    return list(data.load_splits(cfg.task)[split]["text"])
+
+
+def score_labels(cfg: TrialConfig, predicted: list[str], split: str = "test") -> dict:
+    """Task metrics of label names a consumer predicted for `split_texts(cfg, split)`, in that order."""
+    index = {label: i for i, label in enumerate(cfg.task.labels)}
+    references = list(data.load_splits(cfg.task)[split]["label"])
+    return metrics(cfg, [index[p] for p in predicted], references)
+
+
+def _predict_classification(model, encoded, tokenizer, device: str, batch_size: int):
+    # Length-sorted batches pad little: evaluation costs about half as much as in data order.
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    loader = torch.utils.data.DataLoader(encoded.select(order), batch_size=batch_size,
+                                         collate_fn=data.collate(tokenizer))
+    model.eval()
+    sorted_preds, sorted_refs, loss_sum = [], [], 0.0
+    with torch.no_grad():
+        for batch in loader:
+            labels = batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
+            sorted_preds += logits.argmax(-1).tolist()
+            sorted_refs += labels.tolist()
+    preds, refs = [0] * len(order), [0] * len(order)
+    for position, row in enumerate(order):
+        preds[row], refs[row] = sorted_preds[position], sorted_refs[position]
+    # mean cross-entropy: a continuous signal for schedulers (accuracy on a small validation set ties often)
+    return preds, refs, loss_sum / max(1, len(refs))
+
+
+@torch.no_grad()
+def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str,
+                          batch_size: int) -> tuple[list[int], list[int], float]:
+    """Causal LM: predict the label whose answer tokens are most likely after the prompt; also the mean
+    loss of the true answers (validation loss; exp of it is the answer perplexity).
+
+    Sequences are left-padded so every answer ends at the last position, and only the last
+    (longest answer + 1) positions get logits: the full [batch x labels, seq, vocab] fp32 logits of a
+    large-vocabulary model would be the biggest tensor of the whole evaluation."""
+    model.eval()
+    eos = tokenizer.eos_token or ""
+    answers = [tokenizer(" " + lab + eos, add_special_tokens=False)["input_ids"] for lab in labels]
+    keep = max(map(len, answers)) + 1
+    preds, refs, true_nll, true_tokens = [], [], 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        seqs = [row["input_ids"][: row["prompt_len"]] + ans for row in chunk for ans in answers]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        except TypeError:  # an architecture without logits_to_keep: compute all, keep the tail
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logprobs = torch.log_softmax(logits[:, -keep:].float(), -1)
+        scores = []
+        for i, ans in enumerate(answers * len(chunk)):
+            n = len(ans)
+            # the logit at kept index k predicts the token after it: answer token j sits at keep - n + j
+            target = ids[i, width - n:]
+            scores.append(logprobs[i, keep - n - 1: keep - 1].gather(-1, target[:, None]).sum().item())
+        for j, row in enumerate(chunk):
+            per_label = scores[j * len(labels): (j + 1) * len(labels)]
+            preds.append(max(range(len(labels)), key=per_label.__getitem__))
+            refs.append(row["class_label"])
+            true_nll -= per_label[row["class_label"]]
+            true_tokens += len(answers[row["class_label"]])
+    return preds, refs, true_nll / max(1, true_tokens)
