@@ -40,7 +40,7 @@ SIZES = {
 }
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = ATTN + ["gate_proj", "up_proj", "down_proj"]
-# arm -> (LoRA targets or None for full FT, learning rate). LoRA wants ~10x full FT's lr (DESIGN.md).
+# arm -> (LoRA targets or None for full FT, learning rate). LoRA wants ~10x full FT's lr (MiniLM: 1e-3 vs 1e-4).
 ARMS = {"full": (None, 1e-4), "lora_attn": (ATTN, 1e-3), "lora_all": (ALL_LINEAR, 1e-3), "qlora_nf4": (ALL_LINEAR, 1e-3)}
 
 
@@ -119,7 +119,7 @@ def build_model(size: str, arm: str, device: str, ckpt_dir: Path):
                                    bnb_4bit_compute_dtype=half)
         model = LlamaForCausalLM.from_pretrained(ckpt_dir, quantization_config=quant, dtype=half,
                                                  device_map={"": 0} if cuda else {"": "cpu"})
-        if not cuda:  # DESIGN.md gotcha 3: otherwise LoRA grads silently become None after an eval pass
+        if not cuda:  # bitsandbytes CPU fast path: otherwise LoRA grads silently become None after an eval pass
             for m in model.modules():
                 if hasattr(m, "support_avx512bf16_for_cpu"):
                     m.support_avx512bf16_for_cpu = False

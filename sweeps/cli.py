@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         action.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search=tiny method.r=16")
     args = parser.parse_args(argv)
 
+    from sweeps.runner import SweepStopped
     from trainers.config import ConfigError
 
     try:
@@ -188,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc)
     except LookupError as exc:
         return _fail(exc, 1)
+    except SweepStopped as exc:  # every run is closed; Ray Tune saved the experiment state
+        return _fail(f"sweep {exc}: its runs are closed; continue it with `peftsweep sweep --resume`",
+                     128 + exc.signum)
+    except KeyboardInterrupt:
+        return _fail("sweep stopped by a second SIGINT: its runs are closed; continue it with "
+                     "`peftsweep sweep --resume`", 130)
 
 
 if __name__ == "__main__":

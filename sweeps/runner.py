@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def _storage(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+# Ray's single-machine mode: the node's address is 127.0.0.1, so GCS, raylet, object manager, workers and
+# dashboard listen on loopback only (an exposed Ray runs anyone's jobs: CVE-2023-48022). Ray reads the
+# variable once at import, so the driver also sets the constant it became; a cluster never sees either.
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def _init_ray(cfg: SweepConfig):
     import ray
 
@@ -34,11 +41,117 @@ def _init_ray(cfg: SweepConfig):
               "configure_logging": True, "logging_level": "warning"}
     if c.address:
         return ray.init(address=c.address, **kwargs)
+    from ray._private import ray_constants
+
+    os.environ[_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     if c.object_store_memory_mb:
         kwargs["object_store_memory"] = c.object_store_memory_mb * 1024 ** 2
     if c.include_dashboard is not None:
         kwargs["include_dashboard"] = c.include_dashboard
-    return ray.init(num_cpus=c.num_cpus, num_gpus=c.num_gpus, **kwargs)
+    return ray.init(num_cpus=c.num_cpus, num_gpus=c.num_gpus, dashboard_host="127.0.0.1", **kwargs)
+
+
+def _own_processes() -> set:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _started_by_ray(before: set | None) -> list:
+    import psutil
+
+    return [] if before is None else [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+
+def _trial_workers(before: set | None) -> list:
+    """Ray's worker processes (trials run in them), not its GCS, raylet or agents."""
+    import psutil
+
+    out = []
+    for proc in _started_by_ray(before):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::") and not title.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+            out.append(proc)
+    return out
+
+
+def _kill(procs: list) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def _shutdown_ray(before: set | None) -> None:
+    """Stop Ray, then end any process it started that outlived it: a trial worker can run on after its
+    raylet dies, finish, and overwrite the run the driver is about to close."""
+    import psutil
+
+    started = _started_by_ray(before)
+    try:
+        import ray
+        from ray._private import ray_constants
+
+        ray.shutdown()
+        os.environ.pop(_LOOPBACK_ENV, None)
+        ray_constants.ENABLE_RAY_CLUSTER = True  # Linux's own default: the next init may join a cluster
+    except Exception:  # noqa: BLE001
+        pass
+    _, alive = psutil.wait_procs(started, timeout=5)
+    _kill(alive)
+
+
+class SweepStopped(BaseException):
+    """The driver was told to stop (SIGTERM from Kubernetes, Slurm, systemd or CI; SIGINT from Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class _StopOnSignals:
+    """SIGTERM and SIGINT stop the sweep at once: the signal unwinds Ray Tune's loop, Ray is shut down (its
+    trials with it), every open run is closed as `failed` with the signal named, and the driver exits
+    128 + signal. Ray Tune's own first-Ctrl-C stop waits for running trials to report, which a long trial
+    may not do before a Kubernetes grace period ends. Ray Tune's periodic experiment snapshot lets
+    `--resume` continue the sweep. A second signal while closing stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.before = None  # this process's children before ray.init: not Ray's
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\npeftsweep: {signal.Signals(signum).name} received: stopping the sweep and closing its runs",
+              flush=True)
+        _kill(_trial_workers(self.before))  # or Ray Tune's clean-up waits for them to finish their trials
+        raise SweepStopped(signum)
+
+    def install(self) -> None:
+        """Also after ray.init, which installs Ray's own SIGTERM handler (a stack dump, then abort)."""
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def __enter__(self):
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours decides; Tune's would wait for every trial
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def _scheduler(cfg: SweepConfig):
@@ -147,27 +260,32 @@ def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
 
 
 def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner) -> dict:
-    """Run the tuner; whatever happens, close orphaned trial runs and record the parent's outcome."""
-    outcome, error = "FAILED", None
+    """Run the tuner; whatever happens (a signal included), stop Ray, then close the trial runs it left open
+    and record the parent's outcome: no run is left RUNNING."""
+    outcome, error, reason = "FAILED", None, "trial process ended without recording an outcome"
+    stop = _StopOnSignals()
     try:
-        _init_ray(cfg)
-        grid = make_tuner().fit()
+        with stop:
+            stop.before = _own_processes()
+            _init_ray(cfg)
+            stop.install()
+            grid = make_tuner().fit()
         errors = sum(1 for r in grid if r.error)
         outcome = "FINISHED"
         return {"sweep_id": sweep_id, "parent_run_id": parent, "experiment_id": exp_id,
                 "n_trials": len(grid), "n_errors": errors}
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
+        if stop.signum is not None:
+            # raised inside Ray's Cython calls the stop may surface wrapped (SystemError): it is still the stop
+            error = reason = str(SweepStopped(stop.signum))
+            raise SweepStopped(stop.signum) from None
+        if isinstance(exc, KeyboardInterrupt):
+            error = reason = "stopped by SIGINT"
         raise
     finally:
+        _shutdown_ray(stop.before)  # before closing runs: no trial may write after its run is closed
         c = client(cfg.trial.tracking)
-        tracking.close_orphans(c, exp_id, parent, "trial process ended without recording an outcome "
-                                                  f"(sweep {'finished' if error is None else 'interrupted'})")
+        tracking.close_orphans(c, exp_id, parent, f"{reason} (sweep {'finished' if error is None else 'interrupted'})")
         tracking.write_status(c, parent, "ok" if outcome == "FINISHED" else "failed", error,
                               mlflow_status=outcome if error is None else "KILLED")
-        try:
-            import ray
-
-            ray.shutdown()
-        except Exception:  # noqa: BLE001
-            pass

@@ -52,7 +52,7 @@ def materialized_model_dir(model: ModelConfig, build) -> str:
     """A plain safetensors copy of the model, made once per machine and shared by concurrent trials.
 
     GGUF checkpoints are dequantized on every load (slow), and bitsandbytes on CPU only trains on a
-    re-saved copy (DESIGN.md gotcha 3); `build(dest_dir)` writes the copy. A file lock keeps two trials
+    re-saved copy (quantization.patch_cpu_layers explains why); `build(dest_dir)` writes the copy. A file lock keeps two trials
     from writing it at once; the rename makes a half-written copy invisible.
     """
     # v2: copies made before the gguf quantization_config was dropped from config.json are rebuilt

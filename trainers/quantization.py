@@ -62,7 +62,7 @@ def prepare_for_training(model, quant: QuantConfig):
 def patch_cpu_layers(model) -> int:
     """bitsandbytes 0.50.2 on CPU: the avx512-bf16 fast path of Linear4bit, taken after the first
     inference-mode pass, returns outputs detached from the graph, so every LoRA gradient becomes None
-    from then on without any error (DESIGN.md gotcha 3). Returns how many layers were patched."""
+    from then on without any error (tests/test_methods_quant.py shows it). Returns how many layers were patched."""
     patched = 0
     for module in model.modules():
         if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
