@@ -133,15 +133,51 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def ui_links(cfg, base: str) -> dict:
+    """Pages of the newest sweep in the MLflow UI: its runs, the side-by-side comparison of its trials, and
+    the report logged to its parent run. Empty when the store holds no sweep yet."""
+    import urllib.parse
+
+    from trainers.tracking import child_runs, client, find_parent
+
+    c = client(cfg.trial.tracking)
+    try:
+        parent = find_parent(c, cfg.trial.tracking.experiment)
+    except LookupError:
+        return {}
+    exp = parent.info.experiment_id
+    runs = [r.info.run_id for r in child_runs(c, exp, parent.info.run_id)]
+    query = urllib.parse.quote(json.dumps(runs, separators=(",", ":")), safe="")
+    return {"sweep": parent.data.tags.get("peftsweep.sweep_id", parent.info.run_name),
+            "runs": f"{base}/#/experiments/{exp}/runs",
+            "compare": f"{base}/#/compare-runs?runs={query}&experiments=%5B%22{exp}%22%5D",
+            "report": f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report/report.html"}
+
+
 def cmd_ui(args) -> int:
     from trainers.tracking import absolute_uri
 
     cfg = _load(args.overrides)
     uri = absolute_uri(cfg.trial.tracking.uri)
+    base = f"http://{args.host}:{args.port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]  # one worker: ~1 GB less memory
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.")
-    return subprocess.call(cmd)
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it.")
+    links = ui_links(cfg, base)
+    if links:
+        print(f"Newest sweep {links['sweep']}:\n  compare its trials: {links['compare']}\n"
+              f"  report:             {links['report']}\n  runs:               {links['runs']}", flush=True)
+    server = subprocess.Popen(cmd)
+    if args.open and links:
+        import threading
+        import webbrowser
+
+        threading.Timer(5.0, webbrowser.open, [links["compare"]]).start()  # once the server answers
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ui", help="MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--open", action="store_true", help="open the newest sweep's comparison in a browser")
     p.set_defaults(fn=cmd_ui)
     for name, action in sub.choices.items():
         action.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search=tiny method.r=16")

@@ -58,17 +58,32 @@ class Plan:
     def order(self) -> list[str]:
         return list(self.arms)
 
+    @property
+    def ray_ids(self) -> dict:
+        """{short id: label} in start order. Ray's progress table keeps only a value's last ~20 characters,
+        which would cut `lora-r16-a32-attention_qv-lr0.001` to its tail; it shows `arm03`, and the sweep
+        prints the legend first."""
+        return {f"arm{i:02d}": label for i, label in enumerate(self.arms, 1)}
+
+    def legend(self) -> str:
+        return "\n".join(f"  {short}  {label}" for short, label in self.ray_ids.items())
+
+    def label(self, arm: str) -> str:
+        """A planned label from itself or its Ray id."""
+        return self.ray_ids.get(arm, arm)
+
     def trial_dict(self, arm: str, seed: int, drawn: dict | None = None) -> dict:
-        """The full trial config of one planned arm × seed, with the values Ray drew for sampled keys."""
+        """The full trial config of one planned arm (label or Ray id) × seed, with the values Ray drew for
+        sampled keys."""
         draw = {**space.representatives(space.flatten(self.search.space)), **(drawn or {})}
-        return space.resolve_trial(self.base, self.search, self.arms[arm], seed, draw)
+        return space.resolve_trial(self.base, self.search, self.arms[self.label(arm)], seed, draw)
 
     def label_of(self, trial: dict) -> str:
         """The label a trial records: its arm's, with the values it drew for sampled keys."""
         return arm_label(trial, self.label_keys, self.sampled, drawn=True)
 
     def gpu_share(self, arm: str) -> float | None:
-        return next((t.gpu_share for t in self.trials if t.arm == arm), None)
+        return next((t.gpu_share for t in self.trials if t.arm == self.label(arm)), None)
 
     def bind_tracking(self, tracking) -> None:
         """Point every trial at the sweep's parent run once it exists (the plan is made before it)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -138,9 +139,11 @@ class _StopOnSignals:
         raise SweepStopped(signum)
 
     def install(self) -> None:
-        """Also after ray.init, which installs Ray's own SIGTERM handler (a stack dump, then abort)."""
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        """Also after ray.init, which installs Ray's own SIGTERM handler (a stack dump, then abort). Only
+        the main thread may set handlers: a sweep started from another thread (a notebook's) keeps Ray's."""
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, self._handle)
 
     def __enter__(self):
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours decides; Tune's would wait for every trial
@@ -149,8 +152,9 @@ class _StopOnSignals:
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
         return False
 
 
@@ -216,11 +220,12 @@ def run_sweep(cfg: SweepConfig, plan: Plan | None = None) -> dict:
     exp_id, parent = open_parent_run(cfg, sweep_id, len(plan.trials))
     cfg.trial.tracking.parent_run_id, cfg.trial.tracking.sweep_id = parent, sweep_id
     plan.bind_tracking(cfg.trial.tracking)
+    print(f"Sweep {sweep_id}: {len(plan.trials)} trials. Arms (Ray's table shows the id):\n{plan.legend()}", flush=True)
 
     def make_tuner():
         return tune.Tuner(
             _trainable(cfg, plan),
-            param_space=space.param_space(cfg.search, cfg.searcher.name, plan.order),
+            param_space=space.param_space(cfg.search, cfg.searcher.name, list(plan.ray_ids)),
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.search.mode, scheduler=_scheduler(cfg),
                 search_alg=_searcher(cfg), num_samples=cfg.search.num_samples,
@@ -256,7 +261,7 @@ def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
     tracking.write_status(c, parent_run.info.run_id, "running")
     return _drive(cfg, sweep_id, exp_id, parent_run.info.run_id, lambda: tune.Tuner.restore(
         path, trainable=_trainable(cfg, plan, skip_finished=True), resume_unfinished=True, resume_errored=False,
-        restart_errored=False, param_space=space.param_space(cfg.search, cfg.searcher.name, plan.order)))
+        restart_errored=False, param_space=space.param_space(cfg.search, cfg.searcher.name, list(plan.ray_ids))))
 
 
 def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner) -> dict:

@@ -167,11 +167,12 @@ def _save(driver, path: Path) -> Path:
 # The compare page's metric table is two virtualised grids side by side: metric names, then one column per run.
 # Its row for a metric, scrolled into the grid when need be (only ~7 rows are rendered at a time).
 _METRIC_LABEL = """
-const [name] = arguments;
+const [name, title] = [arguments[0], arguments[1] || 'Metrics'];
 const section = [...document.querySelectorAll('[role=button][aria-expanded]')]
-  .find(h => h.innerText.trim() === 'Metrics')?.parentElement;
+  .find(h => h.innerText.trim() === title)?.parentElement;
 if (!section) return null;
-const label = [...section.querySelectorAll('.ReactVirtualized__Grid a')].find(a => a.textContent.trim() === name);
+const label = [...section.querySelectorAll('.ReactVirtualized__Grid *')]
+  .find(e => (e.tagName === 'A' || e.children.length === 0) && e.textContent.trim() === name);
 if (label) return label;
 const grid = [...section.querySelectorAll('.ReactVirtualized__Grid')]
   .find(g => g.scrollHeight > g.clientHeight && getComputedStyle(g).overflowY !== 'hidden');
@@ -186,6 +187,23 @@ return [...document.querySelectorAll('.ReactVirtualized__Grid__innerScrollContai
   .filter(([c, b]) => b.left >= box.right - 1 && b.top <= y && y <= b.bottom && c.innerText.trim())
   .sort((p, q) => p[1].left - q[1].left)
   .map(([c]) => c.innerText.trim());
+"""
+
+
+# A row of the compare page's Parameters table (a plain table): the values right of its label, left to right.
+_ROW_VALUES = """
+const [name, title] = arguments;
+const section = [...document.querySelectorAll('[role=button][aria-expanded]')]
+  .find(h => h.innerText.trim() === title)?.parentElement;
+if (!section) return null;
+const leaves = [...section.querySelectorAll('*')].filter(e => e.children.length === 0 && e.textContent.trim());
+const label = leaves.find(e => e.textContent.trim() === name);
+if (!label) return null;
+label.scrollIntoView({block: 'center'});
+const box = label.getBoundingClientRect(), y = (box.top + box.bottom) / 2;
+return leaves.map(e => [e, e.getBoundingClientRect()])
+  .filter(([e, b]) => b.left >= box.right - 1 && b.top <= y && y <= b.bottom)
+  .sort((p, q) => p[1].left - q[1].left).map(([e]) => e.textContent.trim());
 """
 
 
@@ -230,6 +248,13 @@ def _check_runs_page(d, base: str, exp_id: str, parent, children, metrics=METRIC
             assert float(cell.text) == pytest.approx(r.data.metrics[metric], rel=1e-6), (metric, cell.text)
 
 
+def _fold(d, *sections) -> None:
+    for section in sections:
+        header = d.find_element(By.XPATH, f"//*[@role='button'][@aria-expanded='true'][normalize-space()='{section}']")
+        header.click()
+        _wait(d, f"{section} folded", lambda d: header.get_attribute("aria-expanded") == "false")
+
+
 def _check_compare_view(d, exp_id: str, children, metrics=METRICS) -> None:
     """Tick the trials on the runs page and press Compare, as a person would: the compare view names each
     trial, and each metric's row shows each trial's logged value."""
@@ -247,10 +272,7 @@ def _check_compare_view(d, exp_id: str, children, metrics=METRICS) -> None:
         _wait(d, f"{r.info.run_name} in the compare view", lambda d: [e for e in d.find_elements(
             By.XPATH, f"//*[normalize-space(text())='{r.info.run_name}']") if e.is_displayed()])
     # Visualizations and Parameters folded: run names and metric rows fit one screenshot
-    for section in ("Visualizations", "Parameters"):
-        header = d.find_element(By.XPATH, f"//*[@role='button'][@aria-expanded='true'][normalize-space()='{section}']")
-        header.click()
-        _wait(d, f"{section} folded", lambda d: header.get_attribute("aria-expanded") == "false")
+    _fold(d, "Visualizations", "Parameters")
     for metric in metrics:
         label = _wait(d, f"the {metric} row in the compare view", lambda d: d.execute_script(_METRIC_LABEL, metric))
         shown = d.execute_script(_VALUES_ON_LINE, label)
@@ -269,6 +291,47 @@ def _check_parent_artifacts(d, base: str, exp_id: str, parent) -> None:
         By.XPATH, "//*[normalize-space(text())='report']") if e.is_displayed()])[0].click()
     for f in ("report.html", "report.md", "pareto.png", "report.json"):
         _wait(d, f"report/{f} among the parent's artifacts", lambda d: f in _text(d))
+
+
+def _ui_compare_link(store, port: int, log: Path) -> tuple[str, subprocess.Popen]:
+    """`peftsweep ui` as a user runs it; returns the compare link it prints for the newest sweep."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    out = open(log, "w")
+    proc = subprocess.Popen([str(BIN / "peftsweep"), "ui", "--port", str(port), f"tracking.uri={store['uri']}"],
+                            cwd=store["dir"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + WAIT_S
+    while time.time() < deadline and proc.poll() is None:
+        for line in log.read_text().splitlines():
+            if "compare its trials:" in line:
+                return line.split("compare its trials:", 1)[1].strip(), proc
+        time.sleep(0.5)
+    raise AssertionError(f"`peftsweep ui` printed no compare link:\n{log.read_text()[-3000:]}")
+
+
+def _check_compare_from_ui(d, link: str, children, shots: Path) -> list[Path]:
+    """The page `peftsweep ui` links to: every trial with its rank, modules, peak memory and task metric.
+    Returns its screenshots: the parameter rows, then the metric rows."""
+    d.get(link)
+    _wait(d, "the compare page's heading", lambda d: f"Comparing {len(children)} Runs" in _text(d))
+    _close_assistant(d)
+    for r in children:
+        _wait(d, f"{r.info.run_name} in the compare view", lambda d: [e for e in d.find_elements(
+            By.XPATH, f"//*[normalize-space(text())='{r.info.run_name}']") if e.is_displayed()])
+    for param in ("r", "target_modules", "method"):
+        shown = _wait(d, f"the {param} parameter row", lambda d: d.execute_script(_ROW_VALUES, param, "Parameters"))
+        logged = sorted(r.data.params[param] for r in children if param in r.data.params)
+        assert sorted(shown) == logged, (param, shown, logged)
+    _fold(d, "Visualizations")
+    d.execute_script(_ROW_VALUES, "r", "Parameters")  # scrolls the rank row to the middle of the screen
+    params_png = _save(d, shots / "peftsweep-ui-compare-params.png")
+    _fold(d, "Parameters")
+    for metric in (record.PEAK_RSS_ABOVE_BASELINE_GB, record.metric_key("test", "accuracy")):
+        label = _wait(d, f"the {metric} row", lambda d: d.execute_script(_METRIC_LABEL, metric))
+        shown = sorted(float(v) for v in d.execute_script(_VALUES_ON_LINE, label))
+        assert shown == pytest.approx(sorted(r.data.metrics[metric] for r in children), rel=1e-3, abs=1e-3), metric
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                     d.find_element(By.XPATH, "//*[normalize-space(text())='Run details']"))
+    return [params_png, _save(d, shots / "peftsweep-ui-compare-metrics.png")]
 
 
 def test_mlflow_ui_shows_the_sweep_runs_and_compares_them(tiny_bert, store, tmp_path):
@@ -303,6 +366,16 @@ def test_mlflow_ui_shows_the_sweep_runs_and_compares_them(tiny_bert, store, tmp_
             compare_png = _save(d, shots / "mlflow-compare.png")
             shutil.copy(compare_png, store["dir"] / "mlflow-compare.png")
             _check_parent_artifacts(d, base, exp.experiment_id, parent)
+            # what `peftsweep ui` links to, with its own server: the comparison a user lands on
+            link, ui = _ui_compare_link(store, _free_port(), tmp_path / "peftsweep-ui.log")
+            try:
+                _wait_healthy(link.split("/#/")[0], ui, tmp_path / "peftsweep-ui.log")
+                artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"  # kept for people to look at
+                artifacts.mkdir(exist_ok=True)
+                for png in _check_compare_from_ui(d, link, children, shots):
+                    shutil.copy(png, artifacts / png.name)
+            finally:
+                _stop_group(ui)
     assert server.poll() is not None, "mlflow server still running"
     assert (store["dir"] / "mlflow-compare.png").read_bytes() == compare_png.read_bytes()
     assert runs_png.stat().st_size > 20_000

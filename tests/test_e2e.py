@@ -50,6 +50,19 @@ def test_sweep_report_promote(tiny_bert, store, capsys):
         # trials get the CPUs Ray granted them (1 each), not the whole machine
         assert r.data.params["num_threads"] == "1"
 
+    # the dashboard: a model-training experiment (MLflow 3 opens it on runs, not traces), and `peftsweep ui`'s
+    # compare link names exactly this sweep's trials
+    import urllib.parse
+
+    from sweeps.cli import ui_links
+    from sweeps.config import load
+
+    assert c.get_experiment_by_name("peftsweep").tags["mlflow.experimentKind"] == "custom_model_development"
+    links = ui_links(load([f"tracking.uri={store['uri']}"]), "http://127.0.0.1:5000")
+    query = urllib.parse.parse_qs(links["compare"].split("#/compare-runs?", 1)[1])
+    assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in children)
+    assert links["report"].endswith(f"/runs/{parent.info.run_id}/artifacts/report/report.html")
+
     # report: every arm vs full FT, files written and logged to the parent
     assert main(["report", f"tracking.uri={store['uri']}"]) == 0
     report_md = capsys.readouterr().out

@@ -272,5 +272,12 @@ def apply_dotted_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _scalar(yaml.safe_load(raw))
     return data
+
+
+def _scalar(value):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; people write learning rates that way."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        return float(value)
+    return value

@@ -9,10 +9,40 @@ import torch
 GB = 1024 ** 3
 
 
+_peak_before_reset = 0.0  # the lifetime peak as it stood at the last reset_host_peak
+
+
 def peak_host_rss_gb() -> float:
-    """Peak resident set of this process since it started (Linux reports KiB, macOS bytes)."""
+    """Peak resident set of this process since it started (Linux reports KiB, macOS bytes), across resets."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / GB if sys.platform == "darwin" else peak * 1024 / GB
+    return max(_peak_before_reset, peak / GB if sys.platform == "darwin" else peak * 1024 / GB)
+
+
+def reset_host_peak() -> float | None:
+    """Start a new peak-RSS window: Linux resets the process's high-water mark to its current RSS (writing 5
+    to /proc/self/clear_refs). Returns that RSS in GB, the baseline a phase's peak is measured above; None
+    where the kernel does not allow it (the figure is then absent, not guessed)."""
+    global _peak_before_reset
+    _peak_before_reset = peak_host_rss_gb()  # the reset may lower what getrusage reports
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status_kb("VmRSS") * 1024 / GB
+    except (OSError, ValueError):
+        return None
+
+
+def host_peak_since_reset_gb() -> float:
+    """Peak RSS since the last reset_host_peak (the process's lifetime peak if it was never reset)."""
+    return _status_kb("VmHWM") * 1024 / GB
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"{field} not in /proc/self/status")
 
 
 def reset_cuda_peak(device: str) -> None:

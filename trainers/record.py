@@ -31,7 +31,10 @@ PARAMS = (
 # Metrics
 PEAK_VRAM_ALLOCATED_GB = "peak_vram_allocated_gb"
 PEAK_VRAM_RESERVED_GB = "peak_vram_reserved_gb"
-PEAK_HOST_RSS_GB = "peak_host_rss_gb"
+PEAK_HOST_RSS_GB = "peak_host_rss_gb"  # the whole process: interpreter and libraries (~1.2 GB on CPU) included
+# What the method controls: the peak above the RSS right before the model loaded (weights, gradients,
+# optimizer state, activations, evaluation), without the interpreter and libraries. Linux only.
+PEAK_RSS_ABOVE_BASELINE_GB = "peak_rss_above_baseline_gb"
 WALL_TIME_S = "wall_time_s"
 TRAIN_TIME_S = "train_time_s"
 EVAL_TIME_S = "eval_time_s"

@@ -55,17 +55,23 @@ def client(cfg: TrackingConfig):
     return MlflowClient(tracking_uri=absolute_uri(cfg.uri))
 
 
+# MLflow 3's UI opens a GenAI experiment on traces; a model-training experiment opens on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(cfg: TrackingConfig) -> str:
     """Get or create the experiment; its artifact root is fixed at creation (local path → file URI)."""
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older peftsweep, or by hand
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = cfg.artifact_location
     if location and "://" not in location:
         location = Path(location).resolve().as_uri()
     try:
-        return c.create_experiment(cfg.experiment, artifact_location=location)
+        return c.create_experiment(cfg.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # noqa: BLE001 - another process created it first
         return c.get_experiment_by_name(cfg.experiment).experiment_id
 

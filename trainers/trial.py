@@ -17,6 +17,7 @@ from trainers import data, loop, memory, quantization, record, scoring
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
 from trainers.device import pick_device
 from trainers.methods import apply_method, parameter_counts, upcast_trainable
+from trainers.metrics import preload as preload_metrics
 from trainers.model import load_model, load_tokenizer, shape_of
 from trainers.modules import resolve_target_modules, summarize
 from trainers.tracking import StopTrial, TrialRun
@@ -104,6 +105,20 @@ def throughput(net, stats: dict, device: str) -> dict:
     return out
 
 
+def _name_base_portably(adapter_dir: Path, cfg: TrialConfig) -> None:
+    """peft records the folder the base was loaded from: for a packaged or cached model that is a path inside
+    this machine's venv or cache, useless anywhere else. Name the base as the user did instead (a hub id, a
+    `pkg://` reference, or their own path); a promoted version adds its content hash (base_model.json)."""
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = cfg.model.path
+    if cfg.model.revision:
+        config["revision"] = cfg.model.revision
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1024 ** 2
 
@@ -131,7 +146,13 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             splits = data.load_splits(cfg.task)
             tokenizer = load_tokenizer(cfg)
 
-            # 2. base model, quantized or not; activation checkpointing trades step time for memory
+            # 2. base model, quantized or not; activation checkpointing trades step time for memory. Host
+            # memory from here on is what the method controls, so the libraries later steps would load on
+            # first use come in first (peft alone is ~200 MB of RSS, the metric modules ~45 MB).
+            import peft  # noqa: F401
+
+            preload_metrics()
+            rss_baseline = memory.reset_host_peak()
             net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
             net = quantization.prepare_for_training(net, cfg.quant)
             if cfg.train.gradient_checkpointing:
@@ -186,6 +207,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             with tempfile.TemporaryDirectory() as tmp:
                 ship_dir = Path(tmp) / (record.ADAPTER_DIR if cfg.method.is_adapter else "model")
                 net.save_pretrained(ship_dir, safe_serialization=True)
+                if cfg.method.is_adapter:
+                    _name_base_portably(ship_dir, cfg)
                 dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
                 adapter_mb = _dir_mb(ship_dir)
                 if cfg.tracking.save_adapter:
@@ -198,6 +221,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
                 record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
                 record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
+                record.PEAK_RSS_ABOVE_BASELINE_GB: (memory.host_peak_since_reset_gb() - rss_baseline
+                                                    if rss_baseline is not None else None),
                 **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks}, **driver_view,
                 **{f"train_{k}": v for k, v in train_peaks.items()},
                 **{f"eval_{k}": v for k, v in eval_peaks.items()},
