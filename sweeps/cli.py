@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"sweep {exc}: its runs are closed; continue it with `peftsweep sweep --resume`",
                      128 + exc.signum)
     except KeyboardInterrupt:
-        return _fail("sweep stopped by a second SIGINT: its runs are closed; continue it with "
-                     "`peftsweep sweep --resume`", 130)
+        return _fail("interrupted" + (": `peftsweep sweep --resume` closes any run left open and continues the "
+                                      "sweep" if args.command == "sweep" else ""), 130)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainers.config import TRIAL_SECTIONS, ConfigError, TrialConfig, build_section, trial_config_from_dict
+from trainers.config import (RETIRED_KEYS, TRIAL_SECTIONS, ConfigError, TrialConfig, build_section,
+                             trial_config_from_dict)
 
 
 def _baseline_default() -> dict:
@@ -143,7 +144,8 @@ def sweep_config_from_dict(data: dict) -> SweepConfig:
     trial = trial_config_from_dict({k: data.pop(k) for k in TRIAL_SECTIONS if k in data})
     sections = {k: build_section(cls, data.pop(k, None), k) for k, cls in _SECTIONS.items()}
     name = data.pop("name", "sweep")
-    data.pop("hydra", None)
+    for key in ("hydra", *RETIRED_KEYS):  # a sweep config saved by an older version may carry these
+        data.pop(key, None)
     if data:
         raise ConfigError(f"unknown top-level config key {sorted(data)[0]!r}")
     return SweepConfig(trial=trial, name=name, **sections)

@@ -53,6 +53,7 @@ class Plan:
     label_keys: tuple  # the dotted keys that tell arms apart, in label order
     sampled: tuple  # dotted keys drawn from a sampled domain per trial
     trials: list = field(default_factory=list)
+    grid_order: list = field(default_factory=list)  # the labels in the search space's own order
 
     @property
     def order(self) -> list[str]:
@@ -60,17 +61,23 @@ class Plan:
 
     @property
     def ray_ids(self) -> dict:
-        """{short id: label} in start order. Ray's progress table keeps only a value's last ~20 characters,
-        which would cut `lora-r16-a32-attention_qv-lr0.001` to its tail; it shows `arm03`, and the sweep
-        prints the legend first."""
-        return {f"arm{i:02d}": label for i, label in enumerate(self.arms, 1)}
+        """{short id: label}, listed in start order. Ray's progress table keeps only a value's last ~20
+        characters, which would cut `lora-r16-a32-attention_qv-lr0.001` to its tail; it shows `arm03`, and
+        the sweep prints this legend first. An id numbers the arm's place in the search space, which the
+        config alone fixes, so a resumed sweep maps every id to the same configuration."""
+        number = {label: i for i, label in enumerate(self.grid_order or self.arms, 1)}
+        return {f"arm{number[label]:02d}": label for label in self.arms}
 
     def legend(self) -> str:
         return "\n".join(f"  {short}  {label}" for short, label in self.ray_ids.items())
 
     def label(self, arm: str) -> str:
         """A planned label from itself or its Ray id."""
-        return self.ray_ids.get(arm, arm)
+        label = self.ray_ids.get(arm, arm)
+        if label not in self.arms:
+            raise ConfigError(f"arm {arm!r} is not in this sweep's plan (a sweep started by another peftsweep "
+                              "version names its arms differently: start it anew)")
+        return label
 
     def trial_dict(self, arm: str, seed: int, drawn: dict | None = None) -> dict:
         """The full trial config of one planned arm (label or Ray id) × seed, with the values Ray drew for
@@ -78,9 +85,14 @@ class Plan:
         draw = {**space.representatives(space.flatten(self.search.space)), **(drawn or {})}
         return space.resolve_trial(self.base, self.search, self.arms[self.label(arm)], seed, draw)
 
-    def label_of(self, trial: dict) -> str:
-        """The label a trial records: its arm's, with the values it drew for sampled keys."""
-        return arm_label(trial, self.label_keys, self.sampled, drawn=True)
+    def label_of(self, arm: str, trial: dict) -> str:
+        """The label a trial records: its arm's planned one, with the values it drew for sampled keys (the
+        full-FT baseline draws none)."""
+        planned = self.label(arm)
+        if not self.sampled or self.arms[planned].get("__arm__") == "baseline":
+            return planned
+        _, hash_, number = planned.partition("#")
+        return arm_label(trial, self.label_keys, self.sampled, drawn=True) + (hash_ + number)
 
     def gpu_share(self, arm: str) -> float | None:
         return next((t.gpu_share for t in self.trials if t.arm == self.label(arm)), None)
@@ -160,9 +172,10 @@ def _direct_conflicts(cfg: SweepConfig) -> list[str]:
     return out
 
 
-def _scheduler_problems(cfg: SweepConfig) -> list[str]:
-    if cfg.scheduler.name == "asha" and not cfg.trial.train.eval_every_steps:
+def _scheduler_problems(cfg: SweepConfig, trials) -> list[str]:
+    if cfg.scheduler.name == "asha" and not any(t.train.eval_every_steps for t in trials):
         # ASHA ranks trials at intermediate results; without eval passes the only result is the last one
+        # (a trial without them, e.g. a baseline the space does not reach, is simply never stopped)
         return [f"scheduler=asha needs train.eval_every_steps (ASHA can only stop a trial at an evaluation; "
                 f"e.g. train.eval_every_steps={cfg.scheduler.grace_period}, the grace period)"]
     return []
@@ -180,11 +193,12 @@ def build_plan(cfg: SweepConfig) -> Plan:
     arm_overrides = space.arms(search, base)
     first = [space.resolve_trial(base, search, arm, search.seeds[0], draw) for arm in arm_overrides]
     keys = label_keys(first, sampled)
-    labels = _unique([arm_label(t, keys, sampled) for t in first])
+    labels = _unique([arm_label(t, keys, () if arm["__arm__"] == "baseline" else sampled)
+                      for t, arm in zip(first, arm_overrides)])
 
-    problems = _direct_conflicts(cfg) + _scheduler_problems(cfg)
     configs = {(label, seed): trial_config_from_dict(space.resolve_trial(base, search, arm, seed, draw))
                for label, arm in zip(labels, arm_overrides) for seed in search.seeds}
+    problems = _direct_conflicts(cfg) + _scheduler_problems(cfg, configs.values())
     for trial in configs.values():
         problems += [p for p in validate_trial(trial) if p not in problems]
     if problems:
@@ -213,8 +227,8 @@ def build_plan(cfg: SweepConfig) -> Plan:
     order = sorted(labels, key=lambda label: -flops[label])
     trials.sort(key=lambda t: order.index(t.arm))
     by_label = dict(zip(labels, arm_overrides))
-    return Plan(base=base, search=search, arms={label: by_label[label] for label in order}, label_keys=keys,
-                sampled=sampled, trials=trials)
+    return Plan(base=base, search=search, arms={label: by_label[label] for label in order}, grid_order=labels,
+                label_keys=keys, sampled=sampled, trials=trials)
 
 
 def _no_fit(t: PlannedTrial, cfg: SweepConfig) -> str:

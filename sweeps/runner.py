@@ -123,15 +123,25 @@ class _StopOnSignals:
     trials with it), every open run is closed as `failed` with the signal named, and the driver exits
     128 + signal. Ray Tune's own first-Ctrl-C stop waits for running trials to report, which a long trial
     may not do before a Kubernetes grace period ends. Ray Tune's periodic experiment snapshot lets
-    `--resume` continue the sweep. A second signal while closing stops at once."""
+    `--resume` continue the sweep. The handlers stay until every run is closed: a signal while closing is
+    noted, not raised (closing takes seconds), except a second Ctrl-C, which stops at once; `--resume`
+    closes whatever that leaves open."""
 
     def __init__(self):
         self.signum = None
+        self.closing = False
         self.before = None  # this process's children before ray.init: not Ray's
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.closing:
+            self.signum = self.signum or signum
+            print(f"\npeftsweep: {signal.Signals(signum).name} received: closing the sweep's runs first "
+                  "(Ctrl-C again to stop at once)", flush=True)
+            return
+        if self.signum is not None:
+            return
         self.signum = signum
         print(f"\npeftsweep: {signal.Signals(signum).name} received: stopping the sweep and closing its runs",
               flush=True)
@@ -267,14 +277,19 @@ def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
 def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner) -> dict:
     """Run the tuner; whatever happens (a signal included), stop Ray, then close the trial runs it left open
     and record the parent's outcome: no run is left RUNNING."""
-    outcome, error, reason = "FAILED", None, "trial process ended without recording an outcome"
     stop = _StopOnSignals()
+    with stop:
+        return _drive_under(stop, cfg, sweep_id, exp_id, parent, make_tuner)
+
+
+def _drive_under(stop: "_StopOnSignals", cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str,
+                 make_tuner) -> dict:
+    outcome, error, reason = "FAILED", None, "trial process ended without recording an outcome"
     try:
-        with stop:
-            stop.before = _own_processes()
-            _init_ray(cfg)
-            stop.install()
-            grid = make_tuner().fit()
+        stop.before = _own_processes()
+        _init_ray(cfg)
+        stop.install()
+        grid = make_tuner().fit()
         errors = sum(1 for r in grid if r.error)
         outcome = "FINISHED"
         return {"sweep_id": sweep_id, "parent_run_id": parent, "experiment_id": exp_id,
@@ -289,6 +304,7 @@ def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner
             error = reason = "stopped by SIGINT"
         raise
     finally:
+        stop.closing = True
         _shutdown_ray(stop.before)  # before closing runs: no trial may write after its run is closed
         c = client(cfg.trial.tracking)
         tracking.close_orphans(c, exp_id, parent, f"{reason} (sweep {'finished' if error is None else 'interrupted'})")

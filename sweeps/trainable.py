@@ -36,6 +36,6 @@ def ray_trial(params: dict, plan, cpus: float, skip_finished: bool = False) -> N
                  record.CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                  record.GPU_SHARE: str(context.get_assigned_resources().get("GPU", 0))}
     result = run_trial_with_oom_retries(cfg, report=report, num_threads=max(1, int(cpus)), tags=placement,
-                                        arm=plan.label_of(trial))
+                                        arm=plan.label_of(params["arm"], trial))
     if result["status"] == "pruned":
         raise SystemExit(0)  # what Ray's own stop does: end the trial thread quietly

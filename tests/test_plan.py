@@ -18,8 +18,10 @@ def _configs(plan) -> set:
 
 
 def _assert_one_label_per_configuration(plan):
+    """Distinct by what each configuration is, not by numbering: no `#n` was needed to tell arms apart."""
     labels = [t.arm for t in plan.trials if t.seed == plan.search.seeds[0]]
     assert len(labels) == len(set(labels)) == len(_configs(plan)), labels
+    assert not any("#" in label for label in labels), labels
 
 
 @pytest.mark.parametrize("override,part", [("+search.space.train.batch_size=[8,16]", "bs"),
@@ -37,6 +39,15 @@ def test_a_sweep_over_models_names_each_by_its_name_not_its_path(tiny_bert):
     plan = build_plan(cfg)
     _assert_one_label_per_configuration(plan)
     assert sorted(plan.order) == ["lora-minilm-l6", "lora-tiny-bert"]  # r=4 everywhere: not a difference
+
+
+def test_ray_ids_follow_the_search_space_not_the_start_order():
+    """A resumed sweep must map each Ray id to the same configuration, whatever the estimator predicts."""
+    plan = build_plan(load([]))
+    assert list(plan.ray_ids.values()) == plan.order  # listed (and started) longest first
+    assert sorted(plan.ray_ids) == [f"arm{i:02d}" for i in range(1, 8)]
+    assert plan.ray_ids["arm01"] == "full-lr0.0001"  # the baseline heads the space
+    assert plan.ray_ids["arm02"] == "lora-r4-a8-attention_qv-lr0.001"  # then the grid, in its own order
 
 
 def test_the_default_sweep_keeps_its_readable_labels():
@@ -71,3 +82,24 @@ def test_a_sweep_over_batch_size_reports_one_row_per_configuration(tiny_bert, st
     assert all(a["runs_ok"] == a["runs"] == 1 for a in report["arms"])
     by_arm = {t["arm"]: t for t in report["trials"]}
     assert by_arm["lora-bs4"]["batch_size"] == "4" and by_arm["lora-bs8"]["batch_size"] == "8"
+
+
+def test_asha_accepts_an_eval_interval_the_space_sets():
+    plan = build_plan(load(["scheduler=asha", "+search.space.train.eval_every_steps=[5]"]))
+    assert all(t.config.train.eval_every_steps == 5 for t in plan.trials if t.config.method.name != "full")
+
+
+def test_the_baseline_draws_nothing_so_its_label_shows_its_own_values():
+    plan = build_plan(load(["+search.space.train.lr={loguniform:[1e-4,1e-2]}"]))
+    assert "full-lr0.0001" in plan.order
+    assert all(a.endswith("-lr~") for a in plan.order if a.startswith("lora"))
+    trial = plan.trial_dict("full-lr0.0001", 0, {"train.lr": 5e-3})
+    assert plan.label_of("full-lr0.0001", trial) == "full-lr0.0001" and trial["train"]["lr"] == 1e-4
+
+
+def test_a_sweep_config_saved_by_an_older_version_still_loads():
+    """--resume reads the sweep config back from the parent run; older versions wrote `output_dir` into it."""
+    from sweeps.config import as_dict, sweep_config_from_dict
+
+    saved = {**as_dict(load([])), "output_dir": "outputs/trial"}
+    assert sweep_config_from_dict(saved).trial == load([]).trial

@@ -77,7 +77,7 @@ def test_sampled_domain_reaches_the_trial():
     for v in lrs:
         trial_config_from_dict({**base, "train": {**base["train"], "lr": v}})
     # each trial records its drawn value in its label: two draws of one arm are two configurations
-    recorded = [plan.label_of(t) for t in trials]
+    recorded = [plan.label_of(arm, t) for arm, t in zip(plan.order * 3, trials)]
     assert len(set(recorded)) == len(set(map(repr, lrs))) and all("-lr0." in label for label in recorded)
 
 

@@ -207,7 +207,7 @@ class TrialConfig:
 # The trial's sections, in the order a trial config is written.
 TRIAL_SECTIONS = ("model", "task", "method", "quant", "train", "tracking")
 # Keys older versions wrote into saved trial configs; read and ignored so those files still load.
-_RETIRED = ("output_dir",)
+RETIRED_KEYS = ("output_dir",)
 
 
 def build_section(cls, data: Any, where: str):
@@ -239,7 +239,7 @@ _NESTED = {
 
 
 def trial_config_from_dict(data: dict) -> TrialConfig:
-    data = {k: v for k, v in (data or {}).items() if k not in _RETIRED}
+    data = {k: v for k, v in (data or {}).items() if k not in RETIRED_KEYS}
     try:
         return build_section(TrialConfig, data, "")
     except TypeError as exc:  # a wrong type reaching a dataclass check

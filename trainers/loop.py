@@ -10,14 +10,6 @@ import torch
 from trainers.config import TrainConfig
 
 
-class StopTrial(Exception):
-    """Raised by a report callback when the scheduler stops the trial early (pruned)."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped by the scheduler at step {step}")
-        self.step = step
-
-
 def total_steps(num_batches: int, train: TrainConfig) -> int:
     steps = max(1, math.ceil(num_batches * train.epochs / train.grad_accum))
     return min(steps, train.max_steps) if train.max_steps else steps

@@ -60,6 +60,11 @@ ADAPTER_DIR = "adapter"  # safetensors + adapter_config.json (full FT: the whole
 TRIAL_CONFIG_FILE = "peftsweep_trial.yaml"
 
 
+def standalone_arm(key: str) -> str:
+    """The arm label of a trial run on its own (no sweep plan to name it): its trial key's prefix."""
+    return f"trial-{key[:8]}"
+
+
 def trial_key(trial: dict) -> str:
     """Identity of a trial's configuration (tracking and output paths excluded)."""
     import hashlib

@@ -72,8 +72,11 @@ def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
     import dataclasses
 
     attempt = cfg
-    # every attempt carries the requested configuration's key, so --resume recognises a retried success
-    kwargs["tags"] = {**(kwargs.get("tags") or {}), record.TRIAL_KEY: record.trial_key(trial_config_to_dict(cfg))}
+    # every attempt carries the requested configuration's key (and so its label), so --resume recognises a
+    # retried success and the retry stays in its arm
+    key = record.trial_key(trial_config_to_dict(cfg))
+    kwargs["tags"] = {**(kwargs.get("tags") or {}), record.TRIAL_KEY: key}
+    kwargs["arm"] = kwargs.get("arm") or record.standalone_arm(key)
     for retry in range(cfg.train.oom_retries + 1):
         try:
             return run_trial(attempt, **kwargs)
@@ -134,7 +137,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
     torch.set_num_threads(threads)  # a 1-CPU Ray trial must not fight its neighbour for cores
     device = pick_device(cfg.train.device)
     key = record.trial_key(trial_config_to_dict(cfg))
-    arm = arm or f"trial-{key[:8]}"
+    arm = arm or record.standalone_arm(key)
     metric_name = record.metric_key("val", cfg.task.metric)
     try:
         with TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
