@@ -42,35 +42,38 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
            memory_budget_gb: float | None = None) -> Winner:
     """Pick the arm by validation metrics (test is for reporting, not picking), then its best seed's run."""
     table = arm_table(trials, metric)
-    adapters = table[(table["method"] != "full") & (table["runs_ok"] > 0)]
+    # lower-is-better metrics (a loss) rank the other way; `sign * value` is always higher-better
+    best_first, sign = (False, 1) if record.metric_mode(metric) == "max" else (True, -1)
+    word = "highest" if sign == 1 else "lowest"
+    adapters = table[~table["method"].isin(["full", "base"]) & (table["runs_ok"] > 0)]
     if adapters.empty:
         raise PromotionRefused("no adapter arm finished ok: nothing to promote")
     if rule == "best":
-        arm = adapters.sort_values("val_mean", ascending=False).iloc[0]
-        reason = f"highest mean val {metric} ({arm['val_mean']:.2f})"
+        arm = adapters.sort_values("val_mean", ascending=best_first).iloc[0]
+        reason = f"{word} mean val {metric} ({arm['val_mean']:.2f})"
     elif rule == "cheapest_within":
         full = table[(table["method"] == "full") & (table["runs_ok"] > 0)]
         if full.empty:
             raise PromotionRefused("rule cheapest_within needs a full fine-tuning arm that finished ok")
-        bar = full.iloc[0]["val_mean"] - within_points
-        close = adapters[adapters["val_mean"] >= bar]
+        bar = sign * full.iloc[0]["val_mean"] - within_points
+        close = adapters[sign * adapters["val_mean"] >= bar]
         if close.empty:
             raise PromotionRefused(f"no adapter arm is within {within_points} pts of full FT's val {metric} "
                                    f"({full.iloc[0]['val_mean']:.2f})")
         column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
-        arm = close.sort_values([column, "val_mean"], ascending=[True, False]).iloc[0]
+        arm = close.sort_values([column, "val_mean"], ascending=[True, best_first]).iloc[0]
         reason = f"lowest {cost} among adapters within {within_points} pts of full FT's val {metric}"
     elif rule == "best_under_budget":
         fits = adapters[adapters["peak_mem_gb"] <= memory_budget_gb]
         if fits.empty:
             raise PromotionRefused(f"no adapter arm's peak memory fits {memory_budget_gb} GB "
                                    f"(smallest: {adapters['peak_mem_gb'].min():.2f} GB)")
-        arm = fits.sort_values("val_mean", ascending=False).iloc[0]
-        reason = f"highest mean val {metric} with peak memory <= {memory_budget_gb} GB"
+        arm = fits.sort_values("val_mean", ascending=best_first).iloc[0]
+        reason = f"{word} mean val {metric} with peak memory <= {memory_budget_gb} GB"
     else:
         raise PromotionRefused(f"unknown promotion rule {rule!r}")
     runs = trials[(trials["arm"] == arm["arm"]) & (trials["status"] == "ok")]
-    run = runs.sort_values(record.metric_key("val", metric), ascending=False).iloc[0]
+    run = runs.sort_values(record.metric_key("val", metric), ascending=best_first).iloc[0]
     return Winner(run=run.to_dict(), arm=arm.to_dict(), reason=reason)
 
 
@@ -97,9 +100,10 @@ def reload_check(model_uri: str, tracking_uri: str, logged: float, metric: str, 
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PromotionRefused(f"{model_uri} does not reload: {last}")
     reproduced = json.loads(proc.stdout.strip().splitlines()[-1])["value"]
-    if math.isnan(reproduced) or abs(reproduced - logged) * 100 > tolerance_points:
-        raise PromotionRefused(f"{model_uri} reloads to test {metric} {100 * reproduced:.2f} but the run logged "
-                               f"{100 * logged:.2f} (tolerance {tolerance_points} pts)")
+    scale = record.metric_scale(metric)
+    if math.isnan(reproduced) or abs(reproduced - logged) * scale > tolerance_points:
+        raise PromotionRefused(f"{model_uri} reloads to test {metric} {scale * reproduced:.2f} but the run logged "
+                               f"{scale * logged:.2f} (tolerance {tolerance_points} pts)")
     return reproduced
 
 
@@ -124,13 +128,16 @@ def model_card(name: str, version_hint: str, winner: Winner, base: dict, sweep: 
         f"- method: {run['method']}, r={_tag(run['r'])}, alpha={_tag(run['alpha'])}, "
         f"modules: {run['target_modules']} → {run['target_modules_resolved']}",
         f"- quantization of the base during training: {quant}",
-        f"- test {metric}: {100 * run[record.metric_key('test', metric)]:.2f} %, "
+        f"- test {metric}: {record.metric_scale(metric) * run[record.metric_key('test', metric)]:.2f}"
+        f"{' %' if record.metric_scale(metric) == 100 else ''}, "
         f"{winner.arm['test_delta_pts']:+.2f} pts vs full fine-tuning (arm mean)",
         f"- base model: `{base['path']}`" + (f" (gguf `{base['gguf_file']}`)" if base.get("gguf_file") else "")
         + (f", sha256 `{base['sha256']}`" if base.get("sha256") else "")
         + (f", revision `{base['revision']}`" if base.get("revision") else ""), "",
-        "Load it: `mlflow.pyfunc.load_model(\"models:/" + f"{name}@{version_hint}\")` (a `text` column in, "
-        "label names out). The base model is loaded from the reference above and checked against its hash.",
+        "Load it: `mlflow.pyfunc.load_model(\"models:/" + f"{name}@{version_hint}\")` ("
+        + ("a `text` column in, label names out" if run.get("task_type") != "sft" else
+           "a `prompt` column (or `messages`: the conversation so far) in, the generated answer out")
+        + "). The base model is loaded from the reference above and checked against its hash.",
         "", table_md])
 
 
@@ -147,8 +154,9 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     winner = choose(trials, metric, promote_cfg.rule, promote_cfg.within_points, promote_cfg.cost,
                     promote_cfg.memory_budget_gb)
     delta = winner.arm["test_delta_pts"]
-    if promote_cfg.max_delta is not None and not (delta >= -promote_cfg.max_delta):
-        why = "no full-FT arm to compare with" if delta != delta else f"{-delta:.2f} pts below full FT"
+    worse = -delta if record.metric_mode(metric) == "max" else delta  # how far behind full FT it is
+    if promote_cfg.max_delta is not None and not (worse <= promote_cfg.max_delta):
+        why = "no full-FT arm to compare with" if delta != delta else f"{worse:.2f} pts worse than full FT"
         raise PromotionRefused(f"winner {winner.arm['arm']} is {why} (max_delta {promote_cfg.max_delta}); "
                                f"alias {promote_cfg.alias!r} unchanged")
     run = winner.run
@@ -159,6 +167,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     except MlflowException:
         pass  # exists already: add a version
     table_md = markdown(arm_table(trials, metric), trials, metric, sweep)
+    sft_task = run.get("task_type") == "sft"
     logged = run[record.metric_key("test", metric)]
     with tempfile.TemporaryDirectory() as tmp:
         # The trial's adapter folder, plus the base reference, wrapped as a pyfunc model (so the registry
@@ -169,7 +178,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
         card = model_card(name, alias, winner, base, sweep, table_md, metric)
         Path(weights, MODEL_CARD).write_text(card)
         extra = merge_damage(weights, metric, logged) if run["quantization"] not in (None, "none") else {}
-        client.log_artifacts(run["run_id"], save_pyfunc(weights, f"{tmp}/{PYFUNC_DIR}"), PYFUNC_DIR)
+        client.log_artifacts(run["run_id"], save_pyfunc(weights, f"{tmp}/{PYFUNC_DIR}", sft_task), PYFUNC_DIR)
     if extra:
         client.log_metric(run["run_id"], f"merged_fp_test_{metric}", extra[f"merged_fp_test_{metric}"])
     tags = {"base_model": base["path"], "base_model_sha256": base["sha256"] or "",

@@ -2,6 +2,6 @@
 object, so loading it never unpickles arbitrary code."""
 from mlflow.models import set_model
 
-from evaluation.serving import AdapterClassifier
+from evaluation.serving import TrainedModel
 
-set_model(AdapterClassifier())
+set_model(TrainedModel())

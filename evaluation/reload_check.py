@@ -21,14 +21,21 @@ def score(model_uri: str) -> dict:
     import mlflow
     import pandas as pd
 
-    from trainers import score_labels, split_texts
+    from trainers import input_column, score_predictions, split_inputs
 
     model = mlflow.pyfunc.load_model(model_uri)
-    cfg = model.unwrap_python_model().cfg
-    texts = split_texts(cfg, "test")
-    # predicted as a consumer would (raw text into the pyfunc), scored by the trial's own metric code
-    scores = score_labels(cfg, list(model.predict(pd.DataFrame({"text": texts}))), "test")
-    return {"metric": cfg.task.metric, "value": scores[cfg.task.metric], "n": len(texts)}
+    loaded = model.unwrap_python_model()
+    cfg = loaded.cfg
+    if cfg.task.type == "sft" and cfg.task.metric in ("loss", "perplexity"):
+        # a teacher-forced loss has no served counterpart: score the model the pyfunc loaded
+        from trainers import score_split
+
+        value = score_split(loaded.model, loaded.tokenizer, cfg, "test")[f"test_{cfg.task.metric}"]
+        return {"metric": cfg.task.metric, "value": value, "n": None}
+    inputs = split_inputs(cfg, "test")
+    # predicted as a consumer would (raw inputs into the pyfunc), scored by the trial's own metric code
+    scores = score_predictions(cfg, list(model.predict(pd.DataFrame({input_column(cfg): inputs}))), "test")
+    return {"metric": cfg.task.metric, "value": scores[cfg.task.metric], "n": len(inputs)}
 
 
 def main(argv: list[str]) -> int:

@@ -70,15 +70,18 @@ def memory_column(trials: pd.DataFrame) -> str:
     return record.PEAK_HOST_RSS_GB
 
 
-def _by_seed(runs: pd.DataFrame, col: str) -> dict:
+def _by_seed(runs: pd.DataFrame, col: str, scale: float = 100.0) -> dict:
     if col not in runs:
         return {}
-    return {int(s): 100 * v for s, v in zip(runs["seed"], runs[col]) if v == v and s == s}
+    return {int(s): scale * v for s, v in zip(runs["seed"], runs[col]) if v == v and s == s}
 
 
 def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per arm; `metric` is the bare task metric name (accuracy). Means and deltas in points."""
+    """One row per arm; `metric` is the bare task metric name (accuracy, rougeL, loss). Fractions are in
+    points (x100), a loss as it is; `mode` says which way is better. Deltas against the full-FT arm and,
+    when the sweep scored the untouched base model, against it too (`*_vs_base_pts`)."""
     mem = memory_column(trials)
+    scale, mode = record.metric_scale(metric), record.metric_mode(metric)
     ok = trials[trials["status"] == "ok"]
     full_runs = ok[ok["method"] == "full"]
     rows = []
@@ -92,7 +95,7 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
                "statuses": ",".join(sorted(set(group["status"])))}
         for split in ("test", "val"):
             col = record.metric_key(split, metric)
-            values, base = _by_seed(good, col), _by_seed(full_runs, col)
+            values, base = _by_seed(good, col, scale), _by_seed(full_runs, col, scale)
             row[f"{split}_mean"] = sum(values.values()) / len(values) if values else float("nan")
             row[f"{split}_ci95"] = ci95(list(values.values()))
             row[f"{split}_delta_ci95"] = delta_ci95(values, base) if first["method"] != "full" else 0.0
@@ -100,7 +103,7 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
                           (record.TRAIN_TIME_S, "train_time_s"),
                           (record.TRAINABLE_PCT, "trainable_pct"), (record.TRAINABLE_PARAMS, "trainable_params"),
                           (record.ADAPTER_MB, "adapter_mb"), (record.TOKENS_PER_S, "tokens_per_s"),
-                          (record.WALL_TIME_S, "wall_time_s")):
+                          (record.WALL_TIME_S, "wall_time_s"), ("val_loss", "val_loss")):
             row[name] = good[col].mean() if col in good and len(good) else float("nan")
         # A trial holds its device share (a GPU fraction, or one CPU slot) for its wall time.
         share = good["gpu_share"].where(good["gpu_share"] > 0, 1.0) if "gpu_share" in good else 1.0
@@ -114,17 +117,23 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     table["device_hours_per_run"] = table["device_hours"] / table["runs_ok"].where(table["runs_ok"] > 0)
     full = table[table["method"] == "full"]
     base = full.iloc[0] if len(full) else None
+    untrained = table[table["method"] == "base"]
     nan = float("nan")
     for name in ("test", "val"):
         table[f"{name}_delta_pts"] = table[f"{name}_mean"] - (base[f"{name}_mean"] if base is not None else nan)
+        table[f"{name}_vs_base_pts"] = table[f"{name}_mean"] - (untrained.iloc[0][f"{name}_mean"]
+                                                                 if len(untrained) else nan)
     for name in ("peak_mem_gb", "train_time_s", "device_hours_per_run"):
         table[f"{name}_ratio"] = table[name] / base[name] if base is not None else nan
+    sign = 1 if mode == "max" else -1  # the frontier keeps the better score at each cost
     for cost, suffix in (("peak_mem_gb", ""), ("train_time_s", "_time"), ("trainable_params", "_params")):
-        table["pareto" + suffix] = pareto_mask(table["test_mean"].tolist(), table[cost].tolist())
-    table["is_full"] = table["method"] == "full"  # the baseline heads the table
-    table = table.sort_values(["is_full", "test_mean"], ascending=[False, False]).reset_index(drop=True)
-    table = table.drop(columns="is_full")
+        table["pareto" + suffix] = pareto_mask([sign * v for v in table["test_mean"]], table[cost].tolist())
+    # the baseline heads the table, the untouched base model closes it, the best arm first in between
+    table["order"] = table["method"].map({"full": 0, "base": 2}).fillna(1)
+    table = table.sort_values(["order", "test_mean"], ascending=[True, mode == "min"]).reset_index(drop=True)
+    table = table.drop(columns="order")
     table.attrs["memory_metric"] = mem
+    table.attrs["mode"] = mode
     return table
 
 
@@ -156,33 +165,45 @@ def _pm(mean, half) -> str:
 
 
 def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: str,
-             price_per_hour: float = 0.0) -> str:
+             price_per_hour: float = 0.0, examples: pd.DataFrame | None = None) -> str:
     mem = table.attrs.get("memory_metric", "peak memory")
+    unit, delta_unit = (" %", "pts") if record.metric_scale(metric) == 100 else ("", "")
+    with_base = "base" in set(table["method"])
+    with_loss = "val_loss" in table and table["val_loss"].notna().any() and metric != "loss"
     seeds = sorted({int(s) for s in trials["seed"].dropna()})
     beside = mem == record.PEAK_RSS_ABOVE_BASELINE_GB  # then the whole process's figure goes beside it
     note = (f" Memory is `{mem}`: the trial's peak above the process's RSS just before the model loaded "
             "(weights, gradients, optimizer state, activations), the part the method controls; "
             f"`{record.PEAK_HOST_RSS_GB}` beside it is the whole process's (interpreter and libraries included)."
             if beside else f" Memory is `{mem}`.")
+    better = "higher" if record.metric_mode(metric) == "max" else "lower"
     lines = [f"## peftsweep report — {sweep_id}", "",
-             f"Test {metric} in %, mean ± 95 % CI over seeds {seeds}; Δ is against the full fine-tuning arm "
-             f"(paired by seed).{note} ★ marks the Pareto frontier of {metric} vs memory.", "",
-             f"| arm | runs ok | test {metric} % | Δ vs full FT (pts) | val {metric} % | {mem} | × full | "
+             f"Test {metric}{unit or ''} ({better} is better), mean ± 95 % CI over seeds {seeds}; Δ is against the "
+             f"full fine-tuning arm (paired by seed)"
+             + ("; vs base is against the untouched base model (no training)" if with_base else "")
+             + f".{note} ★ marks the Pareto frontier of {metric} vs memory.", "",
+             f"| arm | runs ok | test {metric}{unit} | Δ vs full FT {f'({delta_unit})' if delta_unit else ''} | "
+             + (f"vs base {f'({delta_unit})' if delta_unit else ''} | " if with_base else "")
+             + f"val {metric}{unit} | " + ("val loss | " if with_loss else "") + f"{mem} | × full | "
              + (f"{record.PEAK_HOST_RSS_GB} | " if beside else "")
              + "train s | × full | device-h | × full | cost | trainable % | trainable params | adapter MB | ★ |",
-             "|" + "---|" * (17 if beside else 16)]
+             "|" + "---|" * (16 + beside + with_base + with_loss)]
     for _, r in table.iterrows():
         cost = f"{r['device_hours'] * price_per_hour:.2f}" if price_per_hour else "–"
         lines.append("| " + " | ".join([
             r["arm"], f"{r['runs_ok']}/{r['runs']}", _pm(r["test_mean"], r["test_ci95"]),
             _pm(r["test_delta_pts"], r["test_delta_ci95"]) if r["method"] != "full" else "0 (baseline)",
-            _pm(r["val_mean"], r["val_ci95"]), _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]),
+            *([_fmt(r["test_vs_base_pts"]) if r["method"] != "base" else "0 (base)"] if with_base else []),
+            _pm(r["val_mean"], r["val_ci95"]), *([_fmt(r["val_loss"], 3)] if with_loss else []),
+            _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]),
             *([_fmt(r["peak_host_rss_gb"])] if beside else []),
             _fmt(r["train_time_s"], 1), _fmt(r["train_time_s_ratio"]), _fmt(r["device_hours"], 3),
             _fmt(r["device_hours_per_run_ratio"]), cost, _fmt(r["trainable_pct"], 3),
             _fmt(float(r["trainable_params"])), _fmt(r["adapter_mb"]), "★" if r["pareto"] else ""]) + " |")
     if "full" not in set(table["method"]):
         lines += ["", "This sweep has no full fine-tuning arm that finished: deltas and ratios are blank."]
+    if examples is not None and len(examples):
+        lines += _example_lines(examples, table)
     bad = trials[trials["status"] != "ok"]
     if len(bad):
         lines += ["", f"### Runs that did not finish ok ({len(bad)} of {len(trials)})", "",
@@ -195,6 +216,42 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
             lines.append(f"| {r['arm']} | {seed} | {r['status']} | "
                          f"{str(detail).splitlines()[0][:160].replace('|', '/') if detail else ''} |")
     return "\n".join(lines) + "\n"
+
+
+EXAMPLES = 3  # fixed validation rows (ids 0..2) shown across every arm
+
+
+def _example_lines(examples: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """The same validation rows as every arm answered them: the reference, full FT, then each other arm."""
+    def cell(text) -> str:
+        text = " ".join(str(text).split())
+        return (text[:240] + "…" if len(text) > 240 else text).replace("|", "/")
+
+    lines = ["", f"### What each arm writes ({EXAMPLES} fixed validation rows, greedy decoding)"]
+    order = list(table["arm"])
+    for row_id in sorted(set(examples["id"]))[:EXAMPLES]:
+        rows = examples[examples["id"] == row_id]
+        first = rows.iloc[0]
+        lines += ["", f"**Example {int(row_id)}.** Prompt: {cell(first['prompt'])}", "",
+                  "| answer by | text |", "|---|---|", f"| reference | {cell(first['reference'])} |"]
+        for arm in sorted(set(rows["arm"]), key=lambda a: order.index(a) if a in order else len(order)):
+            lines.append(f"| {arm} | {cell(rows[rows['arm'] == arm].iloc[0]['generation'])} |")
+    return lines
+
+
+def examples_for(client, trials: pd.DataFrame) -> pd.DataFrame:
+    """The generations table of one finished run per arm (its lowest seed), with an `arm` column."""
+    from trainers.tracking import load_table
+
+    ok = trials[trials["status"] == "ok"].sort_values("seed")
+    if ok.empty:
+        return pd.DataFrame()
+    first = ok.groupby("arm", sort=False).head(1)
+    experiment = client.get_run(first.iloc[0]["run_id"]).info.experiment_id
+    table = load_table(client, experiment, list(first["run_id"]))
+    if table.empty:
+        return table
+    return table.merge(first[["run_id", "arm"]], on="run_id")
 
 
 def html(md: str, images: list[Path], sweep_id: str) -> str:
@@ -219,6 +276,9 @@ def html(md: str, images: list[Path], sweep_id: str) -> str:
             parts.append(f"<h1>{html_lib.escape(ln[3:])}</h1>")
         elif ln.startswith("### "):
             parts.append(f"<h2>{html_lib.escape(ln[4:])}</h2>")
+        elif ln.startswith("**"):
+            head, _, rest = ln[2:].partition("**")
+            parts.append(f"<p><b>{html_lib.escape(head)}</b>{html_lib.escape(rest)}</p>")
         elif ln.strip():
             parts.append(f"<p>{html_lib.escape(ln)}</p>")
     flush()
@@ -241,7 +301,8 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
     table = arm_table(trials, metric)
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(table, trials, metric, sweep, price_per_hour)
+    examples = examples_for(client, trials) if trials.get("task_type", pd.Series(dtype=str)).eq("sft").any() else None
+    md = markdown(table, trials, metric, sweep, price_per_hour, examples)
     (out / "report.md").write_text(md)
     images = [plots.pareto_png(table, metric, out / "pareto.png")]
     heat = plots.rank_modules_heatmap(table, metric, out / "heatmap_rank_modules.png")

@@ -7,7 +7,7 @@ from trainers import record, tracking
 
 PARAM_COLUMNS = ("method", "r", "alpha", "dropout", "target_modules", "target_modules_resolved", "quantization",
                  "double_quant", "compute_dtype", "lr", "batch_size", "grad_accum", "seed", "model", "model_path",
-                 "task", "train_size", "max_length")
+                 "task", "train_size", "max_length", "task_type")
 
 
 def trial_table(client, parent) -> pd.DataFrame:

@@ -121,8 +121,11 @@ def cmd_promote(args) -> int:
         return _fail(f"promotion refused: {exc}", 1)
     print(f"Promoted {out['arm']} (run {out['run_id']}) as {out['name']} version {out['version']}, "
           f"alias @{out['alias']}: {out['reason']}.")
+    from trainers.record import metric_scale
+
+    scale = metric_scale(cfg.trial.task.metric)
     print(f"Reload check (fresh process): {out['uri']} reproduces test {cfg.trial.task.metric} "
-          f"{100 * out['reproduced']:.2f} (logged {100 * out['logged']:.2f}); "
+          f"{scale * out['reproduced']:.2f} (logged {scale * out['logged']:.2f}); "
           f"{out['delta_vs_full_ft_pts']:+.2f} pts vs full FT.")
     base = out["base"]
     print(f"Base model: {base['path']}" + (f" sha256 {base['sha256'][:16]}…" if base["sha256"] else "")

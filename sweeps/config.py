@@ -31,14 +31,16 @@ class SearchConfig:
     seeds: list = field(default_factory=lambda: [0])  # every arm repeats per seed: time x len(seeds)
     num_samples: int = 1  # random/optuna: configurations drawn (per grid point for random)
     metric: Optional[str] = None  # default val_<task.metric>
-    mode: str = "max"
+    mode: Optional[str] = None  # default: min for a loss or perplexity, else max (trainers.record.metric_mode)
+    # Also score the untouched base model (no training): did fine-tuning help at all? Costs one evaluation.
+    base_arm: bool = False
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ConfigError("search.seeds is empty: give at least one seed")
         if self.num_samples < 1:
             raise ConfigError(f"search.num_samples must be >= 1, got {self.num_samples}")
-        if self.mode not in ("max", "min"):
+        if self.mode is not None and self.mode not in ("max", "min"):
             raise ConfigError(f"search.mode must be max or min, got {self.mode!r}")
 
 
@@ -133,6 +135,12 @@ class SweepConfig:
     @property
     def metric(self) -> str:
         return self.search.metric or f"val_{self.trial.task.metric}"
+
+    @property
+    def mode(self) -> str:
+        from trainers.record import metric_mode
+
+        return self.search.mode or metric_mode(self.metric)
 
 
 _SECTIONS = {"search": SearchConfig, "searcher": SearcherConfig, "scheduler": SchedulerConfig,

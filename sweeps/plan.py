@@ -89,7 +89,7 @@ class Plan:
         """The label a trial records: its arm's planned one, with the values it drew for sampled keys (the
         full-FT baseline draws none)."""
         planned = self.label(arm)
-        if not self.sampled or self.arms[planned].get("__arm__") == "baseline":
+        if not self.sampled or self.arms[planned].get("__arm__") in ("baseline", "base"):
             return planned
         _, hash_, number = planned.partition("#")
         return arm_label(trial, self.label_keys, self.sampled, drawn=True) + (hash_ + number)
@@ -173,6 +173,12 @@ def _direct_conflicts(cfg: SweepConfig) -> list[str]:
 
 
 def _scheduler_problems(cfg: SweepConfig, trials) -> list[str]:
+    trials = list(trials)
+    sft = [t for t in trials if t.task.type == "sft"]
+    if cfg.scheduler.name == "asha" and sft and cfg.metric.removeprefix("val_") not in ("loss", "perplexity"):
+        # generation is scored once, at the end; an eval pass measures only the answers' loss
+        return [f"scheduler=asha ranks sft trials at their eval passes, which measure val_loss and val_perplexity "
+                f"only: set search.metric=val_loss (not {cfg.metric})"]
     if cfg.scheduler.name == "asha" and not any(t.train.eval_every_steps for t in trials):
         # ASHA ranks trials at intermediate results; without eval passes the only result is the last one
         # (a trial without them, e.g. a baseline the space does not reach, is simply never stopped)
@@ -192,8 +198,9 @@ def build_plan(cfg: SweepConfig) -> Plan:
     draw = space.representatives(dims)
     arm_overrides = space.arms(search, base)
     first = [space.resolve_trial(base, search, arm, search.seeds[0], draw) for arm in arm_overrides]
-    keys = label_keys(first, sampled)
-    labels = _unique([arm_label(t, keys, () if arm["__arm__"] == "baseline" else sampled)
+    keys = label_keys([t for t, arm in zip(first, arm_overrides) if arm["__arm__"] != "base"], sampled)
+    labels = _unique(["base" if arm["__arm__"] == "base" else
+                      arm_label(t, keys, () if arm["__arm__"] == "baseline" else sampled)
                       for t, arm in zip(first, arm_overrides)])
 
     configs = {(label, seed): trial_config_from_dict(space.resolve_trial(base, search, arm, seed, draw))

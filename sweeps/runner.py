@@ -216,7 +216,8 @@ def _trainable(cfg: SweepConfig, plan: Plan, skip_finished: bool = False):
     from sweeps.trainable import ray_trial
 
     return tune.with_resources(
-        tune.with_parameters(ray_trial, plan=plan, cpus=cfg.cluster.cpus_per_trial, skip_finished=skip_finished),
+        tune.with_parameters(ray_trial, plan=plan, cpus=cfg.cluster.cpus_per_trial, skip_finished=skip_finished,
+                             metric=cfg.metric),
         resources_fn(cfg.cluster, plan))
 
 
@@ -237,7 +238,7 @@ def run_sweep(cfg: SweepConfig, plan: Plan | None = None) -> dict:
             _trainable(cfg, plan),
             param_space=space.param_space(cfg.search, cfg.searcher.name, list(plan.ray_ids)),
             tune_config=tune.TuneConfig(
-                metric=cfg.metric, mode=cfg.search.mode, scheduler=_scheduler(cfg),
+                metric=cfg.metric, mode=cfg.mode, scheduler=_scheduler(cfg),
                 search_alg=_searcher(cfg), num_samples=cfg.search.num_samples,
                 max_concurrent_trials=cfg.cluster.max_concurrent_trials),
             run_config=tune.RunConfig(

@@ -116,8 +116,11 @@ def grid_points(dims: list[Dim]) -> list[dict]:
 
 
 # Keys a method does not read: grid points differing only there are one configuration, trained once.
-_UNUSED = {"ia3": ("r", "alpha", "init_lora_weights"), "full": ("r", "alpha", "init_lora_weights", "dropout",
-                                                                   "target_modules")}
+_UNUSED = {"ia3": ("r", "alpha", "init_lora_weights"),
+           "full": ("r", "alpha", "init_lora_weights", "dropout", "target_modules"),
+           "base": ("r", "alpha", "init_lora_weights", "dropout", "target_modules")}
+# The base arm: the untouched base model, scored without training (search.base_arm).
+BASE_ARM = {"method.name": "base", "quant.mode": "none"}
 
 
 def effective(trial: dict) -> dict:
@@ -141,6 +144,8 @@ def arms(search, base: dict) -> list[dict]:
     candidates = [dict(p, __arm__="adapter") for p in grid_points(dims)]
     if search.full_ft_arm:
         candidates.insert(0, dict(flatten_values(search.baseline), __arm__="baseline"))
+    if getattr(search, "base_arm", False):
+        candidates.append(dict(BASE_ARM, __arm__="base"))
     sampled = representatives(dims)
     seen, out = set(), []
     for arm in candidates:
@@ -165,7 +170,7 @@ def resolve_trial(base: dict, search, arm: dict, seed: int, sampled: dict | None
     """The full trial dict for one arm × seed (× sampled values). Baseline arms take no search values."""
     dims = flatten(search.space)
     overrides = {k: v for k, v in arm.items() if k != "__arm__"}
-    if arm.get("__arm__") == "baseline":
+    if arm.get("__arm__") in ("baseline", "base"):
         return apply(base, {**overrides, "train.seed": seed})
     return apply(base, {**(sampled or {}), **overrides, "train.seed": seed}, dims)
 

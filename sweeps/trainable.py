@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-def ray_trial(params: dict, plan, cpus: float, skip_finished: bool = False) -> None:
+def ray_trial(params: dict, plan, cpus: float, skip_finished: bool = False, metric: str | None = None) -> None:
     import ray
     from ray import tune
 
@@ -25,6 +25,8 @@ def ray_trial(params: dict, plan, cpus: float, skip_finished: bool = False) -> N
     def report(metrics: dict) -> None:
         # A scheduler (ASHA) stops a trial by exiting its thread inside tune.report; the trainer's contract
         # for "the scheduler stopped you" is StopTrial, which its run records as `pruned` at this step.
+        if metric and metric not in metrics:
+            return  # an sft eval pass (loss only) when the sweep ranks by a generation metric: Ray would refuse it
         try:
             tune.report(metrics)
         except SystemExit:

@@ -129,9 +129,10 @@ TEXTS = ["a warm, funny and beautifully acted film", "tedious, overlong and badl
          "the plot goes nowhere", "one of the best movies of the year"]
 
 
-def _champion_serves_like_direct_inference(store, c, winner):
+def _champion_serves_like_direct_inference(store, c, winner, uri="models:/rotten_tomatoes-tiny-bert@champion",
+                                           column="text", inputs=TEXTS):
     """models:/…@champion through pyfunc in a fresh process, and through `mlflow models serve` over HTTP,
-    give the same labels as loading the trial's adapter directly."""
+    give the same answers (labels, or generated text) as loading the trial's adapter directly."""
     import os
     import socket
     import time
@@ -141,14 +142,13 @@ def _champion_serves_like_direct_inference(store, c, winner):
 
     local = c.download_artifacts(winner.info.run_id, record.ADAPTER_DIR, str(store["dir"]))
     model, tok, cfg = load_trained(local)
-    direct = predict_texts(model, tok, cfg, TEXTS)
+    direct = predict_texts(model, tok, cfg, inputs)
     # the server launches `uvicorn` by name: the venv must be on PATH, as after `source .venv/bin/activate`
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    uri = "models:/rotten_tomatoes-tiny-bert@champion"
     fresh = subprocess.run([str(BIN / "python"), "-c",
                             "import json, sys, mlflow, pandas; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-                            "print(json.dumps(list(m.predict(pandas.DataFrame({'text': json.loads(sys.argv[2])})))))",
-                            uri, json.dumps(TEXTS)], capture_output=True, text=True, env=env, timeout=300)
+                            "print(json.dumps(list(m.predict(pandas.DataFrame({sys.argv[3]: json.loads(sys.argv[2])})))))",
+                            uri, json.dumps(inputs), column], capture_output=True, text=True, env=env, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert json.loads(fresh.stdout.strip().splitlines()[-1]) == direct
 
@@ -159,7 +159,7 @@ def _champion_serves_like_direct_inference(store, c, winner):
                                "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=store["dir"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
+        body = json.dumps({"dataframe_records": [{column: t} for t in inputs]}).encode()
         deadline, answer = time.time() + 180, None
         while time.time() < deadline and answer is None:
             try:

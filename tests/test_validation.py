@@ -39,7 +39,19 @@ CASES = [
     (["task.test_size=20000"], "leaves no training rows"),
     (["task.labels=[fresh]"], "needs at least two classes"),
     (["task.source.path=/nonexistent.csv"], "does not exist"),
-    (["task.source.format=parquet"], "is not csv or text_dirs"),
+    (["task.source.format=xml"], "task.source.format='xml' is not one of csv, text_dirs, jsonl"),
+    (["task.source.format=parquet"], "cannot read"),  # a CSV file read as Parquet
+    # instruction tuning (task.type=sft)
+    (["task=bbc_headlines", "task.columns.output=headline"], "format alpaca needs a 'output' column 'headline'"),
+    (["task=bbc_headlines", "task.max_new_tokens=0"], "task.max_new_tokens must be > 0"),
+    (["task=bbc_headlines", "task.format=chatml"], "task.format='chatml' is not one of alpaca, messages"),
+    (["task=bbc_headlines", "task.metric=accuracy"], "task.metric='accuracy' is not an sft metric"),
+    (["task=bbc_headlines", "+task.columns.answer=title"], "task.columns.answer is not a column role"),
+    (["task=bbc_headlines", "scheduler=asha", "train.eval_every_steps=2"], "set search.metric=val_loss"),
+    # MiniLM's tokenizer has no chat template: a chat file cannot be rendered with it
+    (["task=bbc_headlines", "task.format=messages"], "format messages needs a chat template"),
+    (["task=bbc_headlines", "task.source.format=hf", "task.source.path=no-such-org/no-such-dataset"],
+     "cannot load dataset on the Hugging Face Hub"),
     (["search.seeds=[]"], "search.seeds is empty"),
     (["search.num_samples=0"], "search.num_samples must be >= 1"),
     (["search.mode=maximize"], "search.mode must be max or min"),
@@ -93,3 +105,32 @@ def test_real_cli_exit_code(store):
     assert proc.returncode == 2
     assert "peftsweep: error: method.r must be a positive integer, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+BAD_CHATS = {
+    "not a list": ({"messages": "hello there"}, "messages must be a non-empty list of {role, content}"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+                     "unknown role 'robot'"),
+    "no content": ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
+                   "each message needs role and content"),
+    "empty answer": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+                     "the answer is empty"),
+    "ends with the user": ({"messages": [{"role": "user", "content": "hi"}]}, "the last message is from 'user'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHATS))
+def test_a_bad_chat_row_is_refused_before_ray(case, tiny_llama, store, capsys):
+    import json
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad, message = BAD_CHATS[case]
+    path = store["dir"] / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good] * 30 + [bad] + [good] * 9) + "\n")
+    code = main(["sweep", f"tracking.uri={store['uri']}", "task=bbc_headlines", "task.format=messages",
+                 "task.source.format=jsonl", f"task.source.path={path}", f"model.path={tiny_llama}",
+                 "task.test_size=4", "task.validation_size=4", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "row 30 of" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (store["dir"] / "ray_results").exists() and not (store["dir"] / "mlflow.db").exists()

@@ -17,8 +17,8 @@ _LAZY = {
     "validate_trial": "trainers.validate", "predict_trial": "trainers.estimate",
     "predict_train_flops": "trainers.estimate",
     "load_trained": "trainers.inference", "write_base_reference": "trainers.inference",
-    "score_split": "trainers.scoring", "predict_texts": "trainers.scoring", "split_texts": "trainers.scoring",
-    "score_labels": "trainers.scoring",
+    "score_split": "trainers.scoring", "predict_texts": "trainers.scoring", "split_inputs": "trainers.scoring",
+    "score_predictions": "trainers.scoring", "input_column": "trainers.scoring",
     "StopTrial": "trainers.tracking",
 }
 

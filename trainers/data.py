@@ -1,30 +1,16 @@
-"""Task data: read the source, keep the labelled rows, split deterministically, tokenize."""
+"""Task data: read the source (trainers/sources.py), keep the labelled rows, split deterministically, tokenize."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import pandas as pd
 
-from trainers.assets import resolve
+from trainers import sources
 from trainers.config import ConfigError, TaskConfig
 
 
 def read_source(task: TaskConfig) -> pd.DataFrame:
-    path = resolve(task.source.path)
-    if not os.path.exists(path):
-        raise ConfigError(f"task {task.name}: data source {task.source.path!r} does not exist")
-    if task.source.format == "csv":
-        frame = pd.read_csv(path)  # compression inferred from the suffix (.bz2, .gz, ...)
-    elif task.source.format == "text_dirs":
-        rows = [{"text": f.read_text(errors="replace"), "label": d.name}
-                for d in sorted(Path(path).iterdir()) if d.is_dir()
-                for f in sorted(d.glob("*.txt"))]
-        frame = pd.DataFrame(rows, columns=["text", "label"])
-    else:
-        raise ConfigError(f"task {task.name}: source.format {task.source.format!r} is not csv or text_dirs")
-    return frame
+    """Every row of the task's source as one frame (its own splits concatenated): for column checks."""
+    frames = sources.read(task.source, task.name)
+    return pd.concat(list(frames.values()), ignore_index=True) if len(frames) > 1 else next(iter(frames.values()))
 
 
 def check_columns(task: TaskConfig, columns) -> None:
@@ -35,31 +21,30 @@ def check_columns(task: TaskConfig, columns) -> None:
 
 
 def load_splits(task: TaskConfig) -> dict[str, pd.DataFrame]:
-    """train/validation/test frames with columns text, label (class index). The partition depends on
-    `split_seed` only, so every arm and every training seed sees the same test set."""
-    frame = read_source(task)
-    check_columns(task, frame.columns)
-    frame = frame[[task.text_column, task.label_column]].rename(
-        columns={task.text_column: "text", task.label_column: "label_name"})
-    present = set(frame["label_name"].astype(str))
+    """train/validation/test frames: for classification columns text, label (class index); for sft the
+    conversation of each row (trainers/sft.py). The partition depends on `split_seed` only, so every arm and
+    every training seed sees the same test set."""
+    frames = sources.read(task.source, task.name)
+    if task.type == "sft":
+        from trainers import sft
+
+        return {name: sft.normalize(frame, task) for name, frame in sources.partition(frames, task).items()}
+    check_columns(task, sources.columns_of(frames))
+    present = {str(v) for f in frames.values() for v in f[task.label_column].dropna()}
     missing = [lab for lab in task.labels if lab not in present]
     if missing:
         raise ConfigError(f"task {task.name}: label(s) {missing} never occur in column "
                           f"{task.label_column!r} (values: {', '.join(sorted(present)[:10])})")
-    frame = frame[frame["label_name"].astype(str).isin(task.labels)].dropna(subset=["text"])
-    frame = frame.assign(text=frame["text"].astype(str),
-                         label=frame["label_name"].astype(str).map({l: i for i, l in enumerate(task.labels)}))
-    order = np.random.RandomState(task.split_seed).permutation(len(frame))
-    frame = frame.iloc[order].reset_index(drop=True)[["text", "label"]]
-    held_out = task.test_size + task.validation_size
-    if held_out >= len(frame):
-        raise ConfigError(f"task {task.name}: test_size + validation_size = {held_out} leaves no training "
-                          f"rows out of {len(frame)}")
-    train = frame.iloc[held_out:]
-    if task.train_size is not None:
-        train = train.iloc[: task.train_size]
-    return {"test": frame.iloc[: task.test_size], "validation": frame.iloc[task.test_size: held_out],
-            "train": train.reset_index(drop=True)}
+    index = {label: i for i, label in enumerate(task.labels)}
+
+    def labelled(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame[[task.text_column, task.label_column]].rename(
+            columns={task.text_column: "text", task.label_column: "label_name"})
+        frame = frame[frame["label_name"].astype(str).isin(task.labels)].dropna(subset=["text"])
+        return frame.assign(text=frame["text"].astype(str),
+                            label=frame["label_name"].astype(str).map(index))[["text", "label"]]
+
+    return sources.partition({name: labelled(f) for name, f in frames.items()}, task)
 
 
 def tokenize_classification(frame: pd.DataFrame, tokenizer, max_length: int):

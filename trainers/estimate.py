@@ -79,9 +79,10 @@ def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, b
 
 
 def sequence_length(cfg) -> int:
-    """Tokens per training example at most: the truncated text, plus the answer for SFT (prompt template
-    words and label tokens, a few dozen at most)."""
-    return cfg.task.max_length + (0 if cfg.task.type == "classification" else 8)
+    """Tokens per sequence at most: the truncated text; plus the label tokens for causal_lm_sft (a few);
+    for sft the prompt (cut to max_length) plus what generation appends."""
+    extra = {"classification": 0, "causal_lm_sft": 8, "sft": cfg.task.max_new_tokens}
+    return cfg.task.max_length + extra[cfg.task.type]
 
 
 def predict_trial(cfg, validate_device: bool = True) -> dict:
@@ -140,11 +141,13 @@ def predict_train_flops(cfg) -> float:
     from trainers.flops import matmul_param_counts, transformer_flops_per_token
     from trainers.model import shape_of
 
+    if not cfg.method.trains:
+        return 0.0  # the base arm is only scored
     model, _, config = _wrapped_meta(cfg)
     frozen, trainable = matmul_param_counts(model)
     hidden, layers, _ = shape_of(config)
     seq = sequence_length(cfg)
-    per_token = transformer_flops_per_token(frozen, trainable, layers, seq, hidden, not cfg.method.is_adapter)
+    per_token = transformer_flops_per_token(frozen, trainable, layers, seq, hidden, cfg.method.name == "full")
     t = cfg.train
     rows = cfg.task.train_size or 10_000  # unknown without reading the data: equal for every arm anyway
     steps = math.ceil(math.ceil(rows / t.batch_size) * t.epochs / t.grad_accum)

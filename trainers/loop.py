@@ -76,6 +76,13 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             "precision": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
 
 
+def untrained(train_cfg: TrainConfig, device: str) -> dict:
+    """The figures `train` returns, for a model scored without training (the base arm)."""
+    dtype = autocast_dtype(device, train_cfg.precision)
+    return {"train_loss": None, "steps": 0, "tokens": 0, "sequences": 0, "train_time_s": 0.0, "tokens_per_s": 0.0,
+            "precision": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
+
+
 def autocast_for(device: str, precision: str):
     """The autocast context training used; evaluation and serving use it too, since a bf16 base with fp32
     adapters and head only composes under autocast."""

@@ -7,9 +7,9 @@ from trainers.modules import _role
 
 def apply_method(model, method: MethodConfig, target_names: list[str], task_type: str):
     """Wrap `model` for training with `method`; `target_names` are full module names (see modules.py)."""
-    if method.name == "full":
+    if method.name in ("full", "base"):
         for param in model.parameters():
-            param.requires_grad_(True)
+            param.requires_grad_(method.name == "full")  # base: scored as it is, nothing trains
         return model
 
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model

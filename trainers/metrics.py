@@ -22,14 +22,27 @@ def load_metric(name: str):
     return evaluate.load(path)
 
 
-def preload() -> None:
+GENERATION_MODULES = ("rouge", "chrf", "bleu", "exact_match")  # folders in evaluation/metrics/
+
+
+def preload(generation: bool = False) -> None:
     """Load the metric modules now (evaluate and its modules hold ~45 MB of RSS once loaded)."""
     load_metric("accuracy")
     load_metric("f1")
+    for name in GENERATION_MODULES if generation else ():
+        load_metric(name)
 
 
 def classification_metrics(predictions, references, num_labels: int) -> dict[str, float]:
     out = load_metric("accuracy").compute(predictions=predictions, references=references)
     out["macro_f1"] = load_metric("f1").compute(predictions=predictions, references=references,
                                                 average="macro", labels=list(range(num_labels)))["f1"]
+    return out
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """rougeL, chrf, bleu and exact_match of generated texts against their references, each in [0, 1]."""
+    out: dict[str, float] = {}
+    for name in GENERATION_MODULES:
+        out.update(load_metric(name).compute(predictions=list(predictions), references=list(references)))
     return out

@@ -86,7 +86,7 @@ def base_dtype(cfg: TrialConfig, device: str) -> torch.dtype:
     GPU assumes one with bf16 (every GPU since Ampere)."""
     if cfg.model.dtype != "auto":
         return quantization.torch_dtype(cfg.model.dtype)
-    frozen = cfg.method.is_adapter and cfg.quant.mode == "none"
+    frozen = cfg.method.name != "full" and cfg.quant.mode == "none"
     if not (device.startswith("cuda") and frozen) or cfg.train.precision == "fp32":
         return torch.float32
     bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True

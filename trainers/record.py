@@ -50,9 +50,27 @@ PEAK_VRAM_NVML_GB = "vram_nvml_gb"  # the process's GPU memory as the driver see
 TRAIN_LOSS = "train_loss"
 STEP = "step"
 
+SFT_ROWS_DROPPED = "sft_rows_dropped"  # training rows whose answer alone exceeds task.max_length
+GENERATIONS_TABLE = "generations/val.json"  # (id, prompt, reference, generation) per validation row, log_table
+
 # Task metrics are logged as `<split>_<metric>`: val_accuracy during/after training, test_accuracy at the end.
 def metric_key(split: str, metric: str) -> str:
     return f"{split}_{metric}"
+
+
+# Metrics where lower is better; every other task metric (accuracy, macro_f1, rougeL, chrf, bleu,
+# exact_match: all fractions in [0, 1]) is better higher.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def metric_mode(metric: str) -> str:
+    """`min` or `max` for a bare or split-prefixed metric name: what search, report and promotion rank by."""
+    return "min" if metric.split("_")[-1] in LOWER_IS_BETTER else "max"
+
+
+def metric_scale(metric: str) -> float:
+    """Fractions are shown (and compared) in points, 100 x; a loss as it is."""
+    return 1.0 if metric_mode(metric) == "min" else 100.0
 
 
 # Artifacts

@@ -2,24 +2,39 @@
 and merge damage all encode a split and predict through these functions, so they cannot drift apart.
 
 Classification models predict by argmax of their head; a causal LM predicts the label whose answer tokens
-are most likely after the task's prompt. Metrics come from the local `evaluate` modules (trainers/metrics.py).
+are most likely after the task's prompt; an sft model is scored by the loss of its answers (every eval pass)
+and by what it generates for the first `task.generation_rows` rows of a split (the end of a trial).
+Metrics come from the local `evaluate` modules (trainers/metrics.py).
 """
 from __future__ import annotations
 
 import pandas as pd
 import torch
 
-from trainers import data, loop, record
+from trainers import data, generation, loop, record, sft
 from trainers.config import TrialConfig
 from trainers.device import pick_device
-from trainers.metrics import classification_metrics
+from trainers.metrics import classification_metrics, generation_metrics
 
 
 def encode(frame: pd.DataFrame, tokenizer, cfg: TrialConfig):
-    """A split's frame (text, label) as the model reads it, by task type."""
+    """A split's frame as the model reads it, by task type."""
+    return encode_counted(frame, tokenizer, cfg)[0]
+
+
+def encode_counted(frame: pd.DataFrame, tokenizer, cfg: TrialConfig):
+    """(encoded split, rows dropped): sft drops a row whose answer alone exceeds task.max_length."""
     if cfg.task.type == "classification":
-        return data.tokenize_classification(frame, tokenizer, cfg.task.max_length)
-    return data.tokenize_sft(frame, tokenizer, cfg.task)
+        return data.tokenize_classification(frame, tokenizer, cfg.task.max_length), 0
+    if cfg.task.type == "sft":
+        return sft.tokenize(frame, tokenizer, cfg.task)
+    return data.tokenize_sft(frame, tokenizer, cfg.task), 0
+
+
+def eval_batch_size(cfg: TrialConfig) -> int:
+    """sft scores in training-sized batches: generation's KV cache and the answers' logits grow with the
+    batch, and training at that batch already fitted."""
+    return cfg.train.batch_size if cfg.task.type == "sft" else cfg.train.eval_batch_size
 
 
 def predict(model, encoded, tokenizer, cfg: TrialConfig, device: str) -> tuple[list[int], list[int], float]:
@@ -43,34 +58,84 @@ def metrics(cfg: TrialConfig, predictions: list[int], references: list[int], los
 
 
 def evaluate(model, encoded, tokenizer, cfg: TrialConfig, device: str, prefix: str) -> dict:
-    """Task metrics of one encoded split as MLflow names them ({`<prefix>_accuracy`: ..., ...})."""
+    """Task metrics of one encoded split as MLflow names them ({`<prefix>_accuracy`: ..., ...}); for sft the
+    answers' loss and perplexity (generation is scored by `generate_split`)."""
+    if cfg.task.type == "sft":
+        with loop.autocast_for(device, cfg.train.precision):
+            loss = generation.answer_loss(model, encoded, tokenizer, eval_batch_size(cfg), device)
+        return {record.metric_key(prefix, "loss"): loss,
+                record.metric_key(prefix, "perplexity"): float(torch.exp(torch.tensor(min(loss, 50.0))))}
     preds, refs, loss = predict(model, encoded, tokenizer, cfg, device)
     return {record.metric_key(prefix, k): v for k, v in metrics(cfg, preds, refs, loss).items()}
+
+
+def generate_split(model, tokenizer, cfg: TrialConfig, frame: pd.DataFrame, device: str,
+                   prefix: str) -> tuple[dict, pd.DataFrame]:
+    """sft: greedy generations for the first `task.generation_rows` rows of a split, their metrics
+    (`<prefix>_rougeL`, ...) and the table (id, prompt, reference, generation) a trial logs."""
+    rows = frame.head(cfg.task.generation_rows)
+    generated = predict_texts(model, tokenizer, cfg, list(rows["prompt"]), device)
+    scores = generation_metrics(generated, list(rows["reference"]))
+    table = pd.DataFrame({"id": range(len(rows)), "prompt": [_shown(p) for p in rows["prompt"]],
+                          "reference": list(rows["reference"]), "generation": generated})
+    return {record.metric_key(prefix, k): v for k, v in scores.items()}, table
+
+
+def _shown(prompt) -> str:
+    """A prompt as a table cell: a conversation so far reads as `role: content` lines."""
+    if isinstance(prompt, list):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return str(prompt)
 
 
 def score_split(model, tokenizer, cfg: TrialConfig, split: str = "test", device: str = "auto") -> dict:
     """Task metrics of `split` (`test_accuracy`, ...), from the same deterministic partition the trial used."""
     frame = data.load_splits(cfg.task)[split]
-    return evaluate(model, encode(frame, tokenizer, cfg), tokenizer, cfg, pick_device(device), split)
+    device = pick_device(device)
+    scores = evaluate(model, encode(frame, tokenizer, cfg), tokenizer, cfg, device, split)
+    if cfg.task.type == "sft":
+        scores.update(generate_split(model, tokenizer, cfg, frame, device, split)[0])
+    return scores
 
 
-def predict_texts(model, tokenizer, cfg: TrialConfig, texts: list[str], device: str = "auto") -> list[str]:
-    """Label names for raw texts, predicted exactly as a split is scored."""
-    frame = pd.DataFrame({"text": [str(t) for t in texts], "label": [0] * len(texts)})
-    preds, _, _ = predict(model, encode(frame, tokenizer, cfg), tokenizer, cfg, pick_device(device))
+def predict_texts(model, tokenizer, cfg: TrialConfig, inputs: list, device: str = "auto") -> list[str]:
+    """What the model answers for raw inputs, exactly as a split is scored: label names for classification;
+    for sft the generated text (an input is the user's text, or a conversation so far as a list of
+    {role, content})."""
+    device = pick_device(device)
+    if cfg.task.type == "sft":
+        prompts = [sft.prompt_ids(p, tokenizer, cfg.task) for p in inputs]
+        with loop.autocast_for(device, cfg.train.precision):
+            return generation.generate(model, tokenizer, prompts, cfg.task.max_new_tokens, eval_batch_size(cfg),
+                                       device)
+    frame = pd.DataFrame({"text": [str(t) for t in inputs], "label": [0] * len(inputs)})
+    preds, _, _ = predict(model, encode(frame, tokenizer, cfg), tokenizer, cfg, device)
     return [cfg.task.labels[p] for p in preds]
 
 
-def split_texts(cfg: TrialConfig, split: str = "test") -> list[str]:
-    """The raw texts of a split, for a consumer that predicts them its own way (the reload check)."""
-    return list(data.load_splits(cfg.task)[split]["text"])
+def input_column(cfg: TrialConfig) -> str:
+    """The column a served model reads: `text`; for sft `prompt`, or `messages` for a messages task."""
+    if cfg.task.type != "sft":
+        return "text"
+    return "messages" if cfg.task.format == "messages" else "prompt"
 
 
-def score_labels(cfg: TrialConfig, predicted: list[str], split: str = "test") -> dict:
-    """Task metrics of label names a consumer predicted for `split_texts(cfg, split)`, in that order."""
+def split_inputs(cfg: TrialConfig, split: str = "test") -> list:
+    """The raw inputs of a split as a consumer would send them (the reload check): texts, or for sft the
+    prompts of the rows a trial generates for."""
+    frame = data.load_splits(cfg.task)[split]
+    if cfg.task.type == "sft":
+        return list(frame.head(cfg.task.generation_rows)["prompt"])
+    return list(frame["text"])
+
+
+def score_predictions(cfg: TrialConfig, predicted: list[str], split: str = "test") -> dict:
+    """Task metrics of what a consumer predicted for `split_inputs(cfg, split)`, in that order."""
+    frame = data.load_splits(cfg.task)[split]
+    if cfg.task.type == "sft":
+        return generation_metrics(predicted, list(frame.head(cfg.task.generation_rows)["reference"]))
     index = {label: i for i, label in enumerate(cfg.task.labels)}
-    references = list(data.load_splits(cfg.task)[split]["label"])
-    return metrics(cfg, [index[p] for p in predicted], references)
+    return metrics(cfg, [index[p] for p in predicted], list(frame["label"]))
 
 
 def _predict_classification(model, encoded, tokenizer, device: str, batch_size: int):

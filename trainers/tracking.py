@@ -216,6 +216,11 @@ class TrialRun:
         if self.enabled:
             self.outbox.send(self.client.log_artifacts, self.run_id, local_dir, artifact_path, wait=True)
 
+    def log_table(self, frame, artifact_file: str) -> None:
+        """A table the MLflow UI shows (and compares across runs) in its artifact and evaluation views."""
+        if self.enabled:
+            self.outbox.send(self.client.log_table, self.run_id, frame, artifact_file, wait=True)
+
     def finish(self, status: str, error: str | None = None) -> None:
         """Record the outcome; blocks until every buffered write is delivered, so the trial's record is
         complete or the trial fails loudly."""
@@ -339,3 +344,15 @@ def mark_pruned(c, run_id: str, step) -> bool:
     c.set_tag(run_id, record.PRUNED_AT_STEP, str(step))
     write_status(c, run_id, "pruned")
     return True
+
+
+def load_table(client, experiment_id: str, run_ids: list[str], artifact_file: str = record.GENERATIONS_TABLE):
+    """The rows of `artifact_file` logged by `run_ids` (a `run_id` column tells them apart); empty when none
+    of them logged it."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.load_table(experiment_id, artifact_file, run_ids=list(run_ids), extra_columns=["run_id"])
+    except MlflowException:
+        return pd.DataFrame(columns=["id", "prompt", "reference", "generation", "run_id"])

@@ -39,6 +39,7 @@ def trial_params(cfg: TrialConfig) -> dict:
         "grad_accum": t.grad_accum, "epochs": t.epochs, "max_steps": t.max_steps, "seed": t.seed,
         "train_size": cfg.task.train_size, "max_length": cfg.task.max_length,
         "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": m.init_lora_weights if adapter else None,
+        "task_type": cfg.task.type, "task_format": cfg.task.format if cfg.task.type == "sft" else None,
     }
 
 
@@ -154,7 +155,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             # first use come in first (peft alone is ~200 MB of RSS, the metric modules ~45 MB).
             import peft  # noqa: F401
 
-            preload_metrics()
+            preload_metrics(generation=cfg.task.type == "sft")
             rss_baseline = memory.reset_host_peak()
             net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
             net = quantization.prepare_for_training(net, cfg.quant)
@@ -177,8 +178,12 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                             "gradient_checkpointing": cfg.train.gradient_checkpointing,
                             "attn_implementation": getattr(net.config, "_attn_implementation", None)})
 
-            # 4. tokenize, as scoring reads each split
-            encoded = {name: scoring.encode(frame, tokenizer, cfg) for name, frame in splits.items()}
+            # 4. tokenize, as scoring reads each split (sft drops a row whose answer alone is too long)
+            encoded, dropped = {}, {}
+            for name, frame in splits.items():
+                encoded[name], dropped[name] = scoring.encode_counted(frame, tokenizer, cfg)
+            if not len(encoded["train"]):
+                raise ValueError(f"every training row's answer exceeds task.max_length={cfg.task.max_length}")
             generator = torch.Generator().manual_seed(cfg.train.seed)
             train_loader = torch.utils.data.DataLoader(encoded["train"], batch_size=cfg.train.batch_size,
                                                        shuffle=True, generator=generator,
@@ -192,30 +197,42 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                     report({**scores, record.TRAIN_LOSS: loss, record.STEP: step, "mlflow_run_id": run.run_id})
 
             memory.reset_cuda_peak(device)
-            stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval,
-                               fault_hook=fault_hook or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
+            if cfg.method.trains:
+                stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval, fault_hook=fault_hook
+                                   or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
+            else:  # the base arm: scored as it is
+                stats = loop.untrained(cfg.train, device)
             train_peaks = memory.cuda_peaks(device)
             driver_view = memory.nvml_process_gb(device)  # read before eval frees or grows the pool
-            speed = throughput(net, stats, device)
+            speed = throughput(net, stats, device) if stats["tokens"] else {}
 
             # 6. evaluate: validation selects, test reports
             memory.reset_cuda_peak(device)
             eval_start = time.perf_counter()
             scores = {**scoring.evaluate(net, encoded["validation"], tokenizer, cfg, device, "val"),
                       **scoring.evaluate(net, encoded["test"], tokenizer, cfg, device, "test")}
+            if cfg.task.type == "sft":  # what it writes: greedy generations, scored, the validation ones logged
+                val_scores, table = scoring.generate_split(net, tokenizer, cfg, splits["validation"], device, "val")
+                scores.update(val_scores)
+                scores.update(scoring.generate_split(net, tokenizer, cfg, splits["test"], device, "test")[0])
+                run.log_table(table, record.GENERATIONS_TABLE)
+                scores[record.SFT_ROWS_DROPPED] = dropped["train"]
             eval_time = time.perf_counter() - eval_start
             eval_peaks = memory.cuda_peaks(device)
 
-            # 7. save what would ship: the adapter (or the whole model for full FT), as safetensors
+            # 7. save what would ship: the adapter (or the whole model for full FT), as safetensors; the base
+            # arm trained nothing and ships nothing
+            adapter_mb = 0.0
             with tempfile.TemporaryDirectory() as tmp:
                 ship_dir = Path(tmp) / (record.ADAPTER_DIR if cfg.method.is_adapter else "model")
-                net.save_pretrained(ship_dir, safe_serialization=True)
-                if cfg.method.is_adapter:
-                    _name_base_portably(ship_dir, cfg)
-                dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
-                adapter_mb = _dir_mb(ship_dir)
-                if cfg.tracking.save_adapter:
-                    run.log_artifacts(str(ship_dir), ship_dir.name)
+                if cfg.method.trains:
+                    net.save_pretrained(ship_dir, safe_serialization=True)
+                    if cfg.method.is_adapter:
+                        _name_base_portably(ship_dir, cfg)
+                    dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
+                    adapter_mb = _dir_mb(ship_dir)
+                    if cfg.tracking.save_adapter:
+                        run.log_artifacts(str(ship_dir), ship_dir.name)
 
             # 8. measure and log
             results = {

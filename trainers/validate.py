@@ -2,7 +2,7 @@
 `peftsweep plan` and `peftsweep sweep` before anything starts."""
 from __future__ import annotations
 
-from trainers import data, quantization
+from trainers import data, quantization, sft, sources
 from trainers.config import ConfigError, TrialConfig
 from trainers.device import pick_device
 from trainers.estimate import sequence_length
@@ -23,6 +23,35 @@ def _source_facts(task) -> tuple[tuple[str, ...], dict]:
     return _SOURCES[key]
 
 
+def _sft_problems(cfg: TrialConfig) -> list[str]:
+    """Every row must read as a conversation ending in a non-empty answer, and the tokenizer must render it:
+    found now, not after a sweep's first trial has trained for minutes."""
+    task = cfg.task
+    key = ("sft", task.source.path, task.source.format, task.format, repr(sorted(task.columns.items())),
+           task.instruction, task.split_seed, task.test_size, task.validation_size)
+    if key not in _SOURCES:
+        try:
+            frames = sources.read(task.source, task.name)
+            for frame in frames.values():
+                sft.normalize(frame, task)
+            sources.partition(frames, task)
+            _SOURCES[key] = None
+        except ConfigError as exc:
+            _SOURCES[key] = str(exc)
+    problems = [_SOURCES[key]] if _SOURCES[key] else []
+    tkey = ("tokenizer", cfg.model.path, cfg.model.gguf_file, cfg.model.revision, task.format, task.chat_template)
+    if tkey not in _SOURCES:
+        from trainers.model import load_tokenizer
+
+        try:
+            _SOURCES[tkey] = sft.template_problem(load_tokenizer(cfg), task)
+        except ConfigError as exc:
+            _SOURCES[tkey] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a model without a loadable tokenizer
+            _SOURCES[tkey] = f"cannot load the tokenizer of {cfg.model.path!r}: {str(exc).splitlines()[0][:200]}"
+    return problems + ([_SOURCES[tkey]] if _SOURCES[tkey] else [])
+
+
 def validate_trial(cfg: TrialConfig) -> list[str]:
     """Every problem found, each one line; empty when the trial can start."""
     problems: list[str] = []
@@ -35,19 +64,10 @@ def validate_trial(cfg: TrialConfig) -> list[str]:
     err = quantization.support_error(cfg.quant, device)
     if err:
         problems.append(err)
-    try:
-        task = cfg.task
-        columns, labels = _source_facts(task)
-        data.check_columns(task, columns)
-        missing = [lab for lab in task.labels if lab not in labels]
-        if missing:
-            problems.append(f"task {task.name}: label(s) {missing} never occur in column {task.label_column!r}")
-        rows = sum(labels.get(lab, 0) for lab in task.labels)
-        if not missing and task.test_size + task.validation_size >= rows:
-            problems.append(f"task {task.name}: test_size + validation_size = "
-                            f"{task.test_size + task.validation_size} leaves no training rows out of {rows}")
-    except ConfigError as exc:
-        problems.append(str(exc))
+    if cfg.task.type == "sft":
+        problems += _sft_problems(cfg)
+    else:
+        problems += _classification_data_problems(cfg)
     try:
         model = cached_meta_model(cfg)
     except ConfigError as exc:
@@ -55,8 +75,10 @@ def validate_trial(cfg: TrialConfig) -> list[str]:
     limit = position_limit(model.config)
     if limit and sequence_length(cfg) > limit:
         # past the position table the model fails mid-trial (absolute positions) or degrades silently (rotary)
+        extra = {"classification": "", "causal_lm_sft": " (with the answer tokens a causal LM adds)",
+                 "sft": f" (with task.max_new_tokens={cfg.task.max_new_tokens} generated after the prompt)"}
         problems.append(f"task.max_length={cfg.task.max_length} exceeds the {limit} positions of {cfg.model.name}"
-                        + (" (with the answer tokens a causal LM adds)" if cfg.task.type != "classification" else ""))
+                        + extra[cfg.task.type])
     if cfg.method.is_adapter:
         try:
             targets = resolve_target_modules(model, cfg.method.target_modules)
@@ -70,3 +92,20 @@ def validate_trial(cfg: TrialConfig) -> list[str]:
                                 f"({smallest}) of {cfg.model.name}")
     return problems
 
+
+def _classification_data_problems(cfg: TrialConfig) -> list[str]:
+    problems = []
+    try:
+        task = cfg.task
+        columns, labels = _source_facts(task)
+        data.check_columns(task, columns)
+        missing = [lab for lab in task.labels if lab not in labels]
+        if missing:
+            problems.append(f"task {task.name}: label(s) {missing} never occur in column {task.label_column!r}")
+        rows = sum(labels.get(lab, 0) for lab in task.labels)
+        if not missing and task.test_size + task.validation_size >= rows:
+            problems.append(f"task {task.name}: test_size + validation_size = "
+                            f"{task.test_size + task.validation_size} leaves no training rows out of {rows}")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems

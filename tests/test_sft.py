@@ -1,0 +1,177 @@
+"""Instruction tuning (task.type=sft): data sources and formats, loss on the answers only (measured on the
+real SmolLM2 tokenizer and chat template), the answers' loss and greedy generation, the generation metrics,
+and a sweep over a user's own chat file through real Ray and MLflow, down to a served champion."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from sweeps.config import load
+from trainers import data, generation, record, sft
+from trainers.config import ConfigError
+
+ROWS = [{"instruction": "Name the colour.", "input": f"The sky on day {i}.", "output": f"Blue, day {i}."}
+        for i in range(40)]
+
+
+def _task(**over):
+    task = load(["task=bbc_headlines"]).trial.task
+    task.train_size, task.validation_size, task.test_size, task.generation_rows = 24, 8, 8, 8
+    for k, v in over.items():
+        setattr(task, k, v)
+    return task
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"  # SmolLM2's own, read from its GGUF file
+    return tok
+
+
+def _trained_text(row, tok) -> str:
+    return tok.decode([t for t in row["labels"] if t != -100])
+
+
+def test_only_assistant_turns_carry_loss_on_smollm2s_chat_template(smol_tokenizer):
+    task = _task(format="messages")
+    conversation = [{"role": "system", "content": "You write headlines."},
+                    {"role": "user", "content": "Article: rates rose again."},
+                    {"role": "assistant", "content": "Rates up again"},
+                    {"role": "user", "content": "Shorter, please."},
+                    {"role": "assistant", "content": "Rates rise"}]
+    row = sft.encode_row(conversation, smol_tokenizer, task)
+    # every assistant turn, through its end-of-turn token (the model must learn to stop), nothing else
+    assert _trained_text(row, smol_tokenizer) == "Rates up again<|im_end|>Rates rise<|im_end|>"
+    trained = [i for i, t in enumerate(row["labels"]) if t != -100]
+    assert smol_tokenizer.decode(row["input_ids"][: trained[0]]).endswith("<|im_start|>assistant\n")
+    assert row["labels"][-1] == -100  # the newline the template writes after the last turn is not trained
+
+
+def test_alpaca_and_prompt_completion_rows_mask_the_prompt(smol_tokenizer):
+    frame = pd.DataFrame(ROWS[:3])
+    for fmt, task_cols, answer in (("alpaca", {"input": "input", "output": "output"}, "Blue, day 0.<|im_end|>"),
+                                   ("prompt_completion", {"prompt": "input", "completion": "output"},
+                                    "Blue, day 0.<|im_end|>")):
+        task = _task(format=fmt, columns=task_cols, instruction=None if fmt == "prompt_completion" else "Name it.")
+        conv = sft.normalize(frame, task)
+        ds, dropped = sft.tokenize(conv, smol_tokenizer, task)
+        assert dropped == 0 and _trained_text(ds[0], smol_tokenizer) == answer, fmt
+    # prompt_completion is raw text: no chat markup at all
+    assert "<|im_start|>" not in smol_tokenizer.decode(ds[0]["input_ids"])
+
+
+def test_a_long_prompt_is_cut_from_the_left_and_a_too_long_answer_is_dropped(smol_tokenizer):
+    task = _task(format="messages", max_length=40)
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "Short answer"}]
+    row = sft.encode_row(long_prompt, smol_tokenizer, task)
+    assert len(row["input_ids"]) == 40 and _trained_text(row, smol_tokenizer) == "Short answer<|im_end|>"
+    long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "answer " * 100}]
+    frame = pd.DataFrame({"messages": [long_prompt, long_answer, long_prompt]})
+    ds, dropped = sft.tokenize(frame, smol_tokenizer, task)
+    assert (len(ds), dropped) == (2, 1)
+
+
+FILE_WRITERS = {
+    "jsonl": lambda f, p: f.to_json(p, orient="records", lines=True),
+    "json": lambda f, p: f.to_json(p, orient="records"),
+    "parquet": lambda f, p: f.to_parquet(p),
+    "csv": lambda f, p: f.to_csv(p, index=False),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FILE_WRITERS))
+def test_every_file_format_reads_the_same_rows(tmp_path, fmt):
+    path = tmp_path / f"rows.{fmt}"
+    FILE_WRITERS[fmt](pd.DataFrame(ROWS), path)
+    task = _task(format="alpaca", columns={"input": "input", "output": "output"}, instruction=None)
+    task.source.format, task.source.path = fmt, str(path)
+    splits = data.load_splits(task)
+    reference = data.load_splits(_with_source(task, "jsonl", _jsonl(tmp_path)))
+    for name in ("train", "validation", "test"):
+        assert list(splits[name]["reference"]) == list(reference[name]["reference"])
+    assert splits["train"].iloc[0]["messages"][0]["content"].startswith("Name the colour.\n\nThe sky on day")
+
+
+def _jsonl(tmp_path):
+    path = tmp_path / "reference.jsonl"
+    pd.DataFrame(ROWS).to_json(path, orient="records", lines=True)
+    return str(path)
+
+
+def _with_source(task, fmt, path):
+    import copy
+
+    task = copy.deepcopy(task)
+    task.source.format, task.source.path = fmt, path
+    return task
+
+
+def test_a_sources_own_splits_are_kept_and_hf_datasets_load_from_disk(tmp_path):
+    import datasets
+
+    folder = tmp_path / "own"
+    folder.mkdir()
+    pd.DataFrame(ROWS[:30]).to_json(folder / "train.jsonl", orient="records", lines=True)
+    pd.DataFrame(ROWS[30:]).to_json(folder / "test.jsonl", orient="records", lines=True)
+    task = _task(format="alpaca", columns={"input": "input", "output": "output"}, instruction=None)
+    splits = data.load_splits(_with_source(task, "jsonl", str(folder)))
+    assert list(splits["test"]["reference"]) == [r["output"] for r in ROWS[30:38]]  # the file's own test rows
+    assert not set(splits["validation"]["reference"]) & set(splits["test"]["reference"])  # carved from train
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:30]),
+                          "test": datasets.Dataset.from_list(ROWS[30:])}).save_to_disk(str(saved))
+    from_hf = data.load_splits(_with_source(task, "hf", str(saved)))
+    assert list(from_hf["test"]["reference"]) == list(splits["test"]["reference"])
+
+
+def test_a_hub_dataset_id_fails_in_one_line_offline():
+    task = _with_source(_task(), "hf", "no-such-org/no-such-dataset")
+    with pytest.raises(ConfigError) as err:
+        data.load_splits(task)
+    assert "cannot load dataset on the Hugging Face Hub" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_answers_loss_matches_the_models_own_loss_and_generation_ignores_batching(tiny_llama, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    task = _task(format="alpaca", columns={"input": "input", "output": "output"}, instruction=None)
+    frame = sft.normalize(pd.DataFrame(ROWS[:6]), task)
+    ds, _ = sft.tokenize(frame, smol_tokenizer, task)
+    # the reference: each row alone, unpadded, through the model's own shifted cross-entropy
+    nll = tokens = 0
+    for row in ds:
+        labels = torch.tensor([row["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        nll += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
+        tokens += n
+    batched = generation.answer_loss(model, ds, smol_tokenizer, batch_size=4, device="cpu")
+    assert batched == pytest.approx(nll / tokens, rel=1e-4)
+
+    prompts = [sft.prompt_ids(p, smol_tokenizer, task) for p in frame["prompt"]]
+    alone = generation.generate_ids(model, smol_tokenizer, prompts, 6, batch_size=1, device="cpu")
+    together = generation.generate_ids(model, smol_tokenizer, prompts, 6, batch_size=6, device="cpu")
+    assert alone == together and all(alone)  # left padding changes no row's greedy continuation
+
+
+def test_generation_metrics_match_the_reference_implementations():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from trainers.metrics import generation_metrics
+
+    preds = ["Rates rise again in March", "Blair wins vote", "Apple unveils new iPod"]
+    refs = ["Rates rise again", "Blair loses key vote", "Apple unveils new iPod"]
+    out = generation_metrics(preds, refs)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert out["rougeL"] == pytest.approx(sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / 3)
+    assert out["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score / 100)
+    assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score / 100)
+    assert out["exact_match"] == pytest.approx(1 / 3)
+    assert record.metric_mode("val_rougeL") == "max" and record.metric_mode("val_loss") == "min"
