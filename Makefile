@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.peftsweep-installed
 
-.PHONY: install system-deps demo test test-all bench bench-memory bench-packing ui clean
+.PHONY: install system-deps demo test test-all bench bench-memory bench-packing bench-peers ui clean
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ bench: install
 # Predicted vs measured peak memory of the newest sweep in ./mlflow.db (run after `make demo`).
 bench-memory: install
 	$(PY) bench/memory_estimate.py
+
+# One trial against HF Trainer + PEFT (classification) and TRL SFTTrainer (sft, packing off and on).
+bench-peers: install
+	$(PIP) install -e '.[test,bench]'
+	$(PY) bench/peers.py
 
 # GPU-pool scheduling on 4 logical GPUs: packed by predicted memory vs one trial per GPU.
 bench-packing: install

@@ -62,9 +62,10 @@ def delta_ci95(arm: dict, base: dict) -> float:
 
 def memory_column(trials: pd.DataFrame) -> str:
     """One memory figure compared everywhere: VRAM when the trials ran on GPUs; on CPU the peak the method
-    controls (above the process's RSS before the model loaded), since the interpreter and libraries (~1.2 GB)
-    would otherwise dominate a small model's figure; whole-process RSS for runs that lack it."""
-    for col in (record.PEAK_VRAM_RESERVED_GB, record.PEAK_RSS_ABOVE_BASELINE_GB):
+    controls: the most the C heap held at once above what it held before the model loaded (tensors live in
+    it; the interpreter and libraries, ~1.2 GB, are left out), else the RSS peak above that point (which also
+    counts freed pages glibc kept), else whole-process RSS, for runs that lack both."""
+    for col in (record.PEAK_VRAM_RESERVED_GB, record.PEAK_HEAP_ABOVE_BASELINE_GB, record.PEAK_RSS_ABOVE_BASELINE_GB):
         if col in trials and trials[col].notna().any():
             return col
     return record.PEAK_HOST_RSS_GB
@@ -103,7 +104,8 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
                           (record.TRAIN_TIME_S, "train_time_s"),
                           (record.TRAINABLE_PCT, "trainable_pct"), (record.TRAINABLE_PARAMS, "trainable_params"),
                           (record.ADAPTER_MB, "adapter_mb"), (record.TOKENS_PER_S, "tokens_per_s"),
-                          (record.WALL_TIME_S, "wall_time_s"), ("val_loss", "val_loss")):
+                          (record.WALL_TIME_S, "wall_time_s"), ("val_loss", "val_loss"),
+                          (record.SETUP_TIME_S, "setup_time_s"), (record.EVAL_TIME_S, "eval_time_s")):
             row[name] = good[col].mean() if col in good and len(good) else float("nan")
         # A trial holds its device share (a GPU fraction, or one CPU slot) for its wall time.
         share = good["gpu_share"].where(good["gpu_share"] > 0, 1.0) if "gpu_share" in good else 1.0
@@ -171,11 +173,14 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
     with_base = "base" in set(table["method"])
     with_loss = "val_loss" in table and table["val_loss"].notna().any() and metric != "loss"
     seeds = sorted({int(s) for s in trials["seed"].dropna()})
-    beside = mem == record.PEAK_RSS_ABOVE_BASELINE_GB  # then the whole process's figure goes beside it
-    note = (f" Memory is `{mem}`: the trial's peak above the process's RSS just before the model loaded "
-            "(weights, gradients, optimizer state, activations), the part the method controls; "
-            f"`{record.PEAK_HOST_RSS_GB}` beside it is the whole process's (interpreter and libraries included)."
-            if beside else f" Memory is `{mem}`.")
+    # on CPU the whole process's figure goes beside the part the method controls
+    beside = mem in (record.PEAK_RSS_ABOVE_BASELINE_GB, record.PEAK_HEAP_ABOVE_BASELINE_GB)
+    what = ("the most the C heap held at once (weights, gradients, optimizer state, activations), sampled after "
+            "every forward, backward, optimizer step and evaluation batch" if mem == record.PEAK_HEAP_ABOVE_BASELINE_GB
+            else "the trial's RSS peak (weights, gradients, optimizer state, activations, and freed pages kept)")
+    note = (f" Memory is `{mem}`: {what}, above the process's own just before the model loaded, the part the "
+            f"method controls; `{record.PEAK_HOST_RSS_GB}` beside it is the whole process's (interpreter and "
+            "libraries included)." if beside else f" Memory is `{mem}`.")
     better = "higher" if record.metric_mode(metric) == "max" else "lower"
     lines = [f"## peftsweep report — {sweep_id}", "",
              f"Test {metric}{unit or ''} ({better} is better), mean ± 95 % CI over seeds {seeds}; Δ is against the "
@@ -186,8 +191,9 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
              + (f"vs base {f'({delta_unit})' if delta_unit else ''} | " if with_base else "")
              + f"val {metric}{unit} | " + ("val loss | " if with_loss else "") + f"{mem} | × full | "
              + (f"{record.PEAK_HOST_RSS_GB} | " if beside else "")
-             + "train s | × full | device-h | × full | cost | trainable % | trainable params | adapter MB | ★ |",
-             "|" + "---|" * (16 + beside + with_base + with_loss)]
+             + "train s | × full | setup s | eval s | device-h | × full | cost | trainable % | trainable params | "
+             "adapter MB | ★ |",
+             "|" + "---|" * (18 + beside + with_base + with_loss)]
     for _, r in table.iterrows():
         cost = f"{r['device_hours'] * price_per_hour:.2f}" if price_per_hour else "–"
         lines.append("| " + " | ".join([
@@ -197,7 +203,8 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
             _pm(r["val_mean"], r["val_ci95"]), *([_fmt(r["val_loss"], 3)] if with_loss else []),
             _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]),
             *([_fmt(r["peak_host_rss_gb"])] if beside else []),
-            _fmt(r["train_time_s"], 1), _fmt(r["train_time_s_ratio"]), _fmt(r["device_hours"], 3),
+            _fmt(r["train_time_s"], 1), _fmt(r["train_time_s_ratio"]), _fmt(r["setup_time_s"], 1),
+            _fmt(r["eval_time_s"], 1), _fmt(r["device_hours"], 3),
             _fmt(r["device_hours_per_run_ratio"]), cost, _fmt(r["trainable_pct"], 3),
             _fmt(float(r["trainable_params"])), _fmt(r["adapter_mb"]), "★" if r["pareto"] else ""]) + " |")
     if "full" not in set(table["method"]):

@@ -38,11 +38,35 @@ def trial_gpu_request(trial: dict, cluster) -> tuple[float, float]:
     return gpu_fraction(predicted, gpu_capacity_gb(cluster), cluster.gpu_headroom), predicted
 
 
+HOST_MEMORY_RESOURCE = "host_memory_mb"  # a custom Ray resource of the local node (Ray wants whole numbers)
+
+
+def host_memory_mb() -> int:
+    """What trials may reserve of this machine: 85 % of its memory (the driver, Ray and the page cache
+    need the rest), the container's limit where one is set."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    try:
+        limit = int(open("/sys/fs/cgroup/memory.max").read().strip())
+        total = min(total, limit)
+    except (OSError, ValueError):  # no cgroup v2 limit ("max") or not Linux
+        pass
+    return int(0.85 * total / 1024 ** 2)
+
+
 def resources_fn(cluster, plan):
     """Per-trial Ray resources: fixed, or the plan's GPU share when gpus_per_trial is auto (a trial with
     sampled keys, whose memory the plan could not know, is sized when Ray draws it)."""
     if cluster.gpus_per_trial != "auto":
-        return {"cpu": cluster.cpus_per_trial, "gpu": cluster.gpus_per_trial}
+        fixed = {"cpu": cluster.cpus_per_trial, "gpu": cluster.gpus_per_trial}
+        if cluster.gpus_per_trial or cluster.address:  # a cluster's nodes declare no host-memory resource
+            return fixed
+        capacity = host_memory_mb()
+        # CPU trials on this machine reserve their predicted peak RSS (the plan's, per arm): a sweep whose
+        # arms differ 5x in memory runs the big ones apart instead of letting two of them exhaust the machine
+        return lambda config: {**fixed, HOST_MEMORY_RESOURCE: min(capacity,
+                                                                   int(1024 * plan.predicted_host_gb(config["arm"])))}
     cache: dict = {}
 
     def resources(config: dict) -> dict:

@@ -94,6 +94,10 @@ class Plan:
         _, hash_, number = planned.partition("#")
         return arm_label(trial, self.label_keys, self.sampled, drawn=True) + (hash_ + number)
 
+    def predicted_host_gb(self, arm: str) -> float:
+        """The arm's predicted peak host RSS (CPU trials reserve it); its first seed's, as every seed's."""
+        return next(t.predicted_gb for t in self.trials if t.arm == self.label(arm))
+
     def gpu_share(self, arm: str) -> float | None:
         return next((t.gpu_share for t in self.trials if t.arm == self.label(arm)), None)
 

@@ -31,6 +31,11 @@ def _storage(path: str) -> str:
 # dashboard listen on loopback only (an exposed Ray runs anyone's jobs: CVE-2023-48022). Ray reads the
 # variable once at import, so the driver also sets the constant it became; a cluster never sees either.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray's memory monitor kills a worker near the node's limit with an error Tune does not expect: the whole
+# sweep dies (measured: a DoRA trial at 15 GB beside another on a 24 GB node). The kernel's OOM killer takes
+# the same worker instead (Ray makes workers its first victims), which Tune sees as one failed trial, as with
+# any killed trial process. On a local machine the plan's memory requests keep it from coming to that.
+_MEMORY_MONITOR_ENV = "RAY_memory_monitor_refresh_ms"
 
 
 def _init_ray(cfg: SweepConfig):
@@ -45,7 +50,12 @@ def _init_ray(cfg: SweepConfig):
     from ray._private import ray_constants
 
     os.environ[_LOOPBACK_ENV] = "0"
+    os.environ[_MEMORY_MONITOR_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    from sweeps.packing import HOST_MEMORY_RESOURCE, host_memory_mb
+
+    # trials reserve their predicted peak RSS of it, so Ray never starts two that cannot fit side by side
+    kwargs["resources"] = {HOST_MEMORY_RESOURCE: host_memory_mb()}
     if c.object_store_memory_mb:
         kwargs["object_store_memory"] = c.object_store_memory_mb * 1024 ** 2
     if c.include_dashboard is not None:
@@ -103,6 +113,7 @@ def _shutdown_ray(before: set | None) -> None:
 
         ray.shutdown()
         os.environ.pop(_LOOPBACK_ENV, None)
+        os.environ.pop(_MEMORY_MONITOR_ENV, None)
         ray_constants.ENABLE_RAY_CLUSTER = True  # Linux's own default: the next init may join a cluster
     except Exception:  # noqa: BLE001
         pass

@@ -113,3 +113,23 @@ def test_promotion_rules_pick_by_validation():
         choose(_trials(A, B), "accuracy", "cheapest_within")
     with pytest.raises(PromotionRefused, match="no adapter arm finished ok"):
         choose(_trials(FULL), "accuracy", "best")
+
+
+def test_a_lower_is_better_metric_ranks_the_other_way_and_the_base_arm_gets_its_own_delta():
+    def loss_run(arm, method, seed, loss, mem):
+        row = _run(arm, method, seed, float("nan"), float("nan"), mem)
+        row.update(test_loss=loss, val_loss=loss)
+        return row
+
+    trials = pd.DataFrame([loss_run("full", "full", 0, 1.0, 1.4), loss_run("lora-a", "lora", 0, 1.2, 1.0),
+                           loss_run("lora-b", "lora", 0, 1.5, 0.9), loss_run("base", "base", 0, 3.0, 0.5)])
+    table = arm_table(trials, "loss")
+    assert list(table["arm"]) == ["full", "lora-a", "lora-b", "base"]  # full first, base last, best (lowest) first
+    row = table.set_index("arm").loc["lora-a"]
+    assert row["test_mean"] == pytest.approx(1.2)  # a loss is shown as it is, not in points
+    assert row["test_delta_pts"] == pytest.approx(0.2) and row["test_vs_base_pts"] == pytest.approx(-1.8)
+    # lower loss at more memory is on the frontier; full FT (lowest loss) is too
+    assert bool(table.set_index("arm").loc["full", "pareto"]) and bool(row["pareto"])
+    assert choose(trials, "loss").arm["arm"] == "lora-a"  # the lowest validation loss among adapters, never base
+    md = markdown(table, trials, "loss", "s")
+    assert "lower is better" in md and "vs base" in md and "test loss |" in md

@@ -175,3 +175,89 @@ def test_generation_metrics_match_the_reference_implementations():
     assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score / 100)
     assert out["exact_match"] == pytest.approx(1 / 3)
     assert record.metric_mode("val_rougeL") == "max" and record.metric_mode("val_loss") == "min"
+
+
+def test_the_sft_plan_has_a_base_arm_that_trains_nothing_and_ranks_by_rouge(tiny_llama):
+    from sweeps.plan import build_plan
+
+    cfg = load(["task=bbc_headlines", "search=sft", f"model.path={tiny_llama}", "model.name=tiny-llama"])
+    plan = build_plan(cfg)
+    assert (cfg.metric, cfg.mode) == ("val_rougeL", "max")
+    assert list(plan.arms)[-1] == "base"  # no training FLOPs: it starts last
+    base = next(t for t in plan.trials if t.arm == "base")
+    lora = next(t for t in plan.trials if t.arm.startswith("lora"))
+    assert (base.trainable, base.train_flops) == (0, 0.0) and base.config.method.name == "base"
+    assert base.predicted_gb < lora.predicted_gb  # nothing kept for backward, no gradients, no optimizer
+    assert sorted(plan.arms) == ["base", "dora-all_linear-lr0.001", "dora-attention_qv-lr0.001", "full-lr5e-05",
+                                 "lora-all_linear-lr0.001", "lora-attention_qv-lr0.001"]
+    loss = load(["task=bbc_headlines", "task.metric=loss", f"model.path={tiny_llama}"])
+    assert (loss.metric, loss.mode) == ("val_loss", "min")
+
+
+def _packed_logits(model, rows):
+    from trainers.batching import collate_packed
+
+    class Pad:  # the tiny model's pad id is irrelevant here: one packed row, nothing padded
+        pad_token_id = 0
+
+    batch = collate_packed(Pad())(rows)
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+
+
+def test_packing_keeps_every_examples_loss_and_attention_within_it(tiny_llama, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.batching import pack
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    task = _task(format="alpaca", columns={"input": "input", "output": "output"}, instruction=None)
+    ds, _ = sft.tokenize(sft.normalize(pd.DataFrame(ROWS[:4]), task), smol_tokenizer, task)
+    examples = [dict(r) for r in ds]
+    rows = pack(examples, max_length=10_000, seed=0)
+    assert len(rows) == 1 and rows[0]["examples"] == 4
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        packed = _packed_logits(model, rows)
+        start = 0
+        for i in order:
+            ids = examples[i]["input_ids"]
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            assert torch.allclose(packed[start: start + len(ids)], alone, atol=1e-5), i
+            start += len(ids)
+        # change one example's tokens (same length): no other example's logits move
+        changed = [dict(e) for e in examples]
+        changed[order[1]] = {**changed[order[1]], "input_ids": [t + 1 for t in changed[order[1]]["input_ids"]]}
+        again = _packed_logits(model, pack(changed, max_length=10_000, seed=0))
+    n0, n1 = len(examples[order[0]]["input_ids"]), len(examples[order[1]]["input_ids"])
+    assert torch.equal(again[:n0], packed[:n0]) and torch.allclose(again[n0 + n1:], packed[n0 + n1:], atol=1e-6)
+    assert not torch.allclose(again[n0: n0 + n1], packed[n0: n0 + n1])
+
+
+def test_length_grouped_batches_pad_less_and_repeat_with_the_seed():
+    from trainers.batching import LengthGroupedBatches
+
+    lengths = [int(x) for x in torch.randint(5, 200, (400,), generator=torch.Generator().manual_seed(1))]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    grouped = list(LengthGroupedBatches(lengths, 8, seed=3, window=10))
+    assert sorted(i for b in grouped for i in b) == list(range(400)) and len(grouped) == 50
+    shuffled = [list(range(400))[i: i + 8] for i in range(0, 400, 8)]  # arbitrary order pads like random
+    assert padding(grouped) < 0.2 * padding(shuffled)
+    assert grouped == list(LengthGroupedBatches(lengths, 8, seed=3, window=10))
+    assert grouped != list(LengthGroupedBatches(lengths, 8, seed=4, window=10))
+
+
+@pytest.mark.parametrize("knob", ["train.packing=true", "train.group_by_length=true"])
+def test_a_packed_or_grouped_trial_repeats_its_metric_with_the_same_seed(knob, tiny_llama, store):
+    from trainers.trial import run_trial
+
+    cfg = load(["task=bbc_headlines", f"model.path={tiny_llama}", "model.name=tiny-llama", "task.train_size=32",
+                "task.validation_size=8", "task.test_size=8", "task.generation_rows=4", "task.max_new_tokens=4",
+                "train.batch_size=4", "train.max_steps=3", knob, f"tracking.uri={store['uri']}",
+                f"tracking.artifact_location={store['artifacts']}"]).trial
+    first, second = run_trial(cfg), run_trial(cfg)
+    assert first["status"] == second["status"] == "ok"
+    assert first["val_loss"] == second["val_loss"] and first["train_loss"] == second["train_loss"]
+    assert 0 < first[record.SETUP_TIME_S] < first[record.WALL_TIME_S]

@@ -43,7 +43,7 @@ def test_a_messages_jsonl_sweep_end_to_end(tiny_llama, store, capsys):
             "task.max_new_tokens=8"]
     _sweep(store, [*common, *task, "search=sft", "search.space.method.name=[lora]", f"model.path={tiny_llama}",
                    "model.name=tiny-llama", f"tracking.artifact_location={store['artifacts']}",
-                   "train.max_steps=2", "train.batch_size=8", "train.eval_every_steps=1"])
+                   "train.max_steps=2", "train.eval_every_steps=1"])
     c, parents, children = _runs(store)
     arms = {r.data.tags[record.ARM]: r for r in children}
     assert sorted(arms) == ["base", "full-lr5e-05", "lora-all_linear-lr0.001", "lora-attention_qv-lr0.001"]

@@ -50,11 +50,12 @@ class MemoryEstimate:
 def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, batch: int, seq: int,
              quant: str, adapter: bool, device: str, frozen_bytes: float = 4.0, vocab: int = 0,
              fused_attention: bool = True, checkpointing: bool = False, adapted_inputs: int = 0,
-             dora_weights: int = 0) -> MemoryEstimate:
+             dora_weights: int = 0, training: bool = True) -> MemoryEstimate:
     """`frozen_bytes`: storage of an unquantized frozen weight (4 fp32, 2 bf16); `vocab` > 0 for a causal LM
     (logits); `fused_attention`: SDPA/flash, no seq² matrix kept; `checkpointing`: only each layer's input is
     kept, one layer's activations at a time; `adapted_inputs`: summed input features of LoRA-adapted layers;
-    `dora_weights`: summed weight sizes of DoRA-adapted layers."""
+    `dora_weights`: summed weight sizes of DoRA-adapted layers; `training=False` (the base arm): only scored,
+    so nothing is kept for backward but the generation's key/value cache."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
     frozen = total - trainable
     per_frozen = BYTES_PER_FROZEN.get(quant, frozen_bytes)
@@ -73,6 +74,8 @@ def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, b
     # DoRA on a quantized base also dequantizes each adapted weight to take its norm
     dora_bytes = DORA_WEIGHT_BYTES[kind] + (4 if quant in BYTES_PER_FROZEN else 0)
     acts += tokens * adapted_inputs * LORA_INPUT_BYTES[kind] + dora_weights * dora_bytes
+    if not training:
+        acts = 2 * tokens * layers * hidden * (4 if kind == "cpu" else 2)  # keys and values, every layer
     return MemoryEstimate(weights_gb=weights / GB, gradients_gb=trainable * 4 / GB,
                           optimizer_gb=trainable * ADAMW_BYTES / GB, activations_gb=acts / GB,
                           runtime_gb=RUNTIME_CUDA_GB if kind == "cuda" else RUNTIME_CPU_GB)
@@ -109,7 +112,8 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
                    vocab=getattr(config, "vocab_size", 0) if cfg.task.type != "classification" else 0,
                    fused_attention=attention != "eager", checkpointing=cfg.train.gradient_checkpointing,
                    adapted_inputs=sum(_in_features(modules[n]) for n in targets) if lora_family else 0,
-                   dora_weights=sum(modules[n].weight.numel() for n in targets) if cfg.method.name == "dora" else 0)
+                   dora_weights=sum(modules[n].weight.numel() for n in targets) if cfg.method.name == "dora" else 0,
+                   training=cfg.method.trains)
     return {"targets": len(targets), "trainable": trainable, "total": total, "predicted_gb": est.total_gb,
             "estimate": est, "device": device}
 

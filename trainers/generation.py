@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from trainers.memory import sample_heap
+
 
 def _left_pad(seqs: list[list[int]], pad: int, device: str):
     width = max(map(len, seqs))
@@ -41,6 +43,7 @@ def answer_loss(model, encoded, tokenizer, batch_size: int, device: str) -> floa
         except TypeError:  # an architecture without logits_to_keep
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         logits = logits[:, -keep:-1].float()
+        sample_heap()
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100, reduction="sum").item()
         tokens += int((target != -100).sum())
@@ -66,6 +69,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                              temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
+        sample_heap()  # the key/value cache of the whole batch is still alive here
         for i, row in zip(batch, new.tolist()):
             out[i] = row[: row.index(eos) + 1] if eos in row else row  # what follows eos is padding
     return out

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from trainers.config import TrainConfig
+from trainers.memory import sample_heap
 
 
 def total_steps(num_batches: int, train: TrainConfig) -> int:
@@ -43,12 +44,22 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
         for micro, batch in enumerate(loader):
             if fault_hook is not None:
                 fault_hook(step)
+            counted = {k: batch.pop(k) for k in ("token_count", "sequence_count") if k in batch}
             batch = _to({k: v for k, v in batch.items() if k not in ("prompt_len", "class_label")}, device)
+            # a packed batch has no attention mask (position ids delimit its examples) and must not build a
+            # generation cache, or the model would ignore the example boundaries
+            extra = {"use_cache": False} if "position_ids" in batch else {}
             with autocast:
-                loss = model(**batch).loss / train_cfg.grad_accum
+                loss = model(**batch, **extra).loss / train_cfg.grad_accum
+            sample_heap()
             scaler.scale(loss).backward()
-            tokens += int(batch["attention_mask"].sum())
-            sequences += int(batch["attention_mask"].shape[0])
+            sample_heap()
+            if counted:
+                tokens += int(counted["token_count"])
+                sequences += int(counted["sequence_count"])
+            else:
+                tokens += int(batch["attention_mask"].sum())
+                sequences += int(batch["attention_mask"].shape[0])
             window.append(loss.item() * train_cfg.grad_accum)
             if (micro + 1) % train_cfg.grad_accum:
                 continue
@@ -58,6 +69,7 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
             scaler.step(optimizer)
+            sample_heap()
             scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -35,9 +35,13 @@ PEAK_HOST_RSS_GB = "peak_host_rss_gb"  # the whole process: interpreter and libr
 # What the method controls: the peak above the RSS right before the model loaded (weights, gradients,
 # optimizer state, activations, evaluation), without the interpreter and libraries. Linux only.
 PEAK_RSS_ABOVE_BASELINE_GB = "peak_rss_above_baseline_gb"
+# The most the C heap held at once above the same baseline, sampled after every forward, backward, optimizer
+# step and evaluation batch: what the method controls, without the freed pages RSS keeps (glibc, Linux).
+PEAK_HEAP_ABOVE_BASELINE_GB = "peak_heap_above_baseline_gb"
 WALL_TIME_S = "wall_time_s"
 TRAIN_TIME_S = "train_time_s"
 EVAL_TIME_S = "eval_time_s"
+SETUP_TIME_S = "setup_time_s"  # trial start to the first training step: data, tokenizer, model load, wrapping
 TOKENS_PER_S = "tokens_per_s"
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"

@@ -14,6 +14,7 @@ import torch
 from trainers import data, generation, loop, record, sft
 from trainers.config import TrialConfig
 from trainers.device import pick_device
+from trainers.memory import sample_heap
 from trainers.metrics import classification_metrics, generation_metrics
 
 
@@ -150,6 +151,7 @@ def _predict_classification(model, encoded, tokenizer, device: str, batch_size: 
         for batch in loader:
             labels = batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            sample_heap()
             loss_sum += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
             sorted_preds += logits.argmax(-1).tolist()
             sorted_refs += labels.tolist()
@@ -186,6 +188,7 @@ def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str
         except TypeError:  # an architecture without logits_to_keep: compute all, keep the tail
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         logprobs = torch.log_softmax(logits[:, -keep:].float(), -1)
+        sample_heap()
         scores = []
         for i, ans in enumerate(answers * len(chunk)):
             n = len(ans)

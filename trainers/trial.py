@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainers import data, loop, memory, quantization, record, scoring
+from trainers import batching, data, loop, memory, quantization, record, scoring
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
 from trainers.device import pick_device
 from trainers.methods import apply_method, parameter_counts, upcast_trainable
@@ -40,6 +40,7 @@ def trial_params(cfg: TrialConfig) -> dict:
         "train_size": cfg.task.train_size, "max_length": cfg.task.max_length,
         "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": m.init_lora_weights if adapter else None,
         "task_type": cfg.task.type, "task_format": cfg.task.format if cfg.task.type == "sft" else None,
+        "packing": t.packing, "group_by_length": t.group_by_length,
     }
 
 
@@ -157,6 +158,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
 
             preload_metrics(generation=cfg.task.type == "sft")
             rss_baseline = memory.reset_host_peak()
+            memory.start_heap_window()
             net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
             net = quantization.prepare_for_training(net, cfg.quant)
             if cfg.train.gradient_checkpointing:
@@ -184,10 +186,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 encoded[name], dropped[name] = scoring.encode_counted(frame, tokenizer, cfg)
             if not len(encoded["train"]):
                 raise ValueError(f"every training row's answer exceeds task.max_length={cfg.task.max_length}")
-            generator = torch.Generator().manual_seed(cfg.train.seed)
-            train_loader = torch.utils.data.DataLoader(encoded["train"], batch_size=cfg.train.batch_size,
-                                                       shuffle=True, generator=generator,
-                                                       collate_fn=data.collate(tokenizer))
+            train_loader = batching.train_loader(encoded["train"], tokenizer, cfg)  # shuffled, grouped or packed
+            setup_time = time.perf_counter() - wall_start  # everything before the first step: where time goes
 
             # 5. train, with validation passes the scheduler can act on
             def on_eval(step: int, loss: float) -> None:
@@ -238,11 +238,13 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             results = {
                 **scores, record.TRAIN_LOSS: stats["train_loss"], record.STEP: stats["steps"],
                 record.TRAIN_TIME_S: stats["train_time_s"], record.EVAL_TIME_S: eval_time,
+                record.SETUP_TIME_S: setup_time,
                 record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
                 record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
                 record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
                 record.PEAK_RSS_ABOVE_BASELINE_GB: (memory.host_peak_since_reset_gb() - rss_baseline
                                                     if rss_baseline is not None else None),
+                record.PEAK_HEAP_ABOVE_BASELINE_GB: memory.heap_peak_above_baseline_gb(),
                 **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks}, **driver_view,
                 **{f"train_{k}": v for k, v in train_peaks.items()},
                 **{f"eval_{k}": v for k, v in eval_peaks.items()},
