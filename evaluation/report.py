@@ -65,7 +65,7 @@ def memory_column(trials: pd.DataFrame) -> str:
     controls: the most the C heap held at once above what it held before the model loaded (tensors live in
     it; the interpreter and libraries, ~1.2 GB, are left out), else the RSS peak above that point (which also
     counts freed pages glibc kept), else whole-process RSS, for runs that lack both."""
-    for col in (record.PEAK_VRAM_RESERVED_GB, record.PEAK_HEAP_ABOVE_BASELINE_GB, record.PEAK_RSS_ABOVE_BASELINE_GB):
+    for col in (record.PEAK_VRAM_RESERVED_GB, record.PEAK_TENSOR_MEMORY_GB, record.PEAK_RSS_ABOVE_BASELINE_GB):
         if col in trials and trials[col].notna().any():
             return col
     return record.PEAK_HOST_RSS_GB
@@ -174,13 +174,14 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
     with_loss = "val_loss" in table and table["val_loss"].notna().any() and metric != "loss"
     seeds = sorted({int(s) for s in trials["seed"].dropna()})
     # on CPU the whole process's figure goes beside the part the method controls
-    beside = mem in (record.PEAK_RSS_ABOVE_BASELINE_GB, record.PEAK_HEAP_ABOVE_BASELINE_GB)
-    what = ("the most the C heap held at once (weights, gradients, optimizer state, activations), sampled after "
-            "every forward, backward, optimizer step and evaluation batch" if mem == record.PEAK_HEAP_ABOVE_BASELINE_GB
-            else "the trial's RSS peak (weights, gradients, optimizer state, activations, and freed pages kept)")
-    note = (f" Memory is `{mem}`: {what}, above the process's own just before the model loaded, the part the "
-            f"method controls; `{record.PEAK_HOST_RSS_GB}` beside it is the whole process's (interpreter and "
-            "libraries included)." if beside else f" Memory is `{mem}`.")
+    beside = mem in (record.PEAK_RSS_ABOVE_BASELINE_GB, record.PEAK_TENSOR_MEMORY_GB)
+    what = ("the model's tensors by their bytes plus the most the C heap held above them at once (gradients, "
+            "optimizer state, activations), sampled after every forward, backward, optimizer step and evaluation "
+            "batch" if mem == record.PEAK_TENSOR_MEMORY_GB else
+            "the trial's RSS peak above the process's RSS just before the model loaded (weights, gradients, "
+            "optimizer state, activations, and freed pages the allocator kept)")
+    note = (f" Memory is `{mem}`: {what}; the part the method controls. `{record.PEAK_HOST_RSS_GB}` beside it is "
+            "the whole process's (interpreter and libraries included)." if beside else f" Memory is `{mem}`.")
     better = "higher" if record.metric_mode(metric) == "max" else "lower"
     lines = [f"## peftsweep report — {sweep_id}", "",
              f"Test {metric}{unit or ''} ({better} is better), mean ± 95 % CI over seeds {seeds}; Δ is against the "

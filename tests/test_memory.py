@@ -33,19 +33,19 @@ def test_lora_controls_less_memory_than_full_ft_and_full_ft_holds_its_closed_for
     assert MINILM_PARAMS * 4 / GB * 0.9 <= lora[above] < 0.7 * full[above], (lora[above], full[above])
     # the whole-process figure carries the interpreter and libraries on top
     assert full[record.PEAK_HOST_RSS_GB] > full[above] + 0.5
-    # the C heap's most held at once: full FT holds its closed form; LoRA (weights, adapters, activations)
-    # about the frozen weights
-    heap = record.PEAK_HEAP_ABOVE_BASELINE_GB
+    # the tensors held at the peak (the model's by their bytes, the rest from the C heap): full FT holds its
+    # closed form; LoRA about its frozen weights
+    heap = record.PEAK_TENSOR_MEMORY_GB
     assert closed_form <= full[heap] <= closed_form + 0.4, (full[heap], closed_form)
-    assert MINILM_PARAMS * 4 / GB * 0.9 <= lora[heap] < 0.5 * full[heap], (lora[heap], full[heap])
+    assert MINILM_PARAMS * 4 / GB * 0.9 <= lora[heap] < 0.7 * full[heap], (lora[heap], full[heap])
 
 
-def test_a_long_lora_trial_holds_no_more_heap_than_a_short_one(store):
-    """RSS only grows over a trial (glibc keeps freed pages); what the heap holds at once does not: 40 steps
+def test_a_long_lora_trial_holds_no_more_tensor_memory_than_a_short_one(store):
+    """RSS only grows over a trial (glibc keeps freed pages mapped); the tensors held at once do not: 40 steps
     of LoRA peak where 2 do, below full FT's closed form."""
     short = _trial(store, "method.name=lora", "train.max_steps=2")
     long = _trial(store, "method.name=lora", "task.train_size=640", "train.max_steps=40")
-    heap = record.PEAK_HEAP_ABOVE_BASELINE_GB
+    heap = record.PEAK_TENSOR_MEMORY_GB
     assert long[heap] <= short[heap] * 1.15 + 0.02, (long[heap], short[heap])
     assert long[heap] < MINILM_PARAMS * (4 + 4 + 8) / GB  # below what full FT must hold
 

@@ -52,3 +52,21 @@ def test_trials_pack_onto_logical_gpus_by_predicted_memory(tiny_bert, store):
             assert reserved <= 1.0 + 1e-9, (gpu, reserved)
             peak_shared = max(peak_shared, sum(1 for s, e, _ in spans if s <= start < e))
     assert peak_shared == 2, "two trials shared a GPU at once (packing), never three"
+
+
+def test_cpu_trials_on_this_machine_reserve_their_predicted_memory(tiny_llama):
+    """A local CPU sweep asks Ray for each arm's predicted peak RSS of a host-memory resource the node declares
+    (85 % of the machine), so two big trials are never started side by side; a cluster's nodes declare none."""
+    from sweeps.packing import HOST_MEMORY_RESOURCE, host_memory_mb, resources_fn
+    from sweeps.plan import build_plan
+
+    cfg = load(["task=bbc_headlines", "search=sft", f"model.path={tiny_llama}", "model.name=tiny-llama"])
+    plan = build_plan(cfg)
+    ask = resources_fn(cfg.cluster, plan)
+    requests = {arm: ask({"arm": arm, "seed": 0}) for arm in plan.arms}
+    for arm, request in requests.items():
+        assert request[HOST_MEMORY_RESOURCE] == min(host_memory_mb(), int(1024 * plan.predicted_host_gb(arm)))
+        assert request["cpu"] == 1
+    assert requests["base"][HOST_MEMORY_RESOURCE] < requests["dora-all_linear-lr0.001"][HOST_MEMORY_RESOURCE]
+    cfg.cluster.address = "ray://head:10001"
+    assert HOST_MEMORY_RESOURCE not in resources_fn(cfg.cluster, plan)

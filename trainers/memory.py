@@ -56,8 +56,14 @@ def sample_heap() -> None:
             _heap["peak"] = now
 
 
-def heap_peak_above_baseline_gb() -> float | None:
-    return None if _heap["baseline"] is None else (_heap["peak"] - _heap["baseline"]) / GB
+def peak_tensor_memory_gb(model) -> float | None:
+    """GB the method holds at its peak: the model's own tensors (weights, adapters, buffers, by their bytes)
+    plus the most the heap held above what it held once the model was built (gradients, optimizer state,
+    activations, evaluation batches)."""
+    if _heap["baseline"] is None:
+        return None
+    tensors = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return (tensors + _heap["peak"] - _heap["baseline"]) / GB
 
 
 _peak_before_reset = 0.0  # the lifetime peak as it stood at the last reset_host_peak

@@ -35,9 +35,10 @@ PEAK_HOST_RSS_GB = "peak_host_rss_gb"  # the whole process: interpreter and libr
 # What the method controls: the peak above the RSS right before the model loaded (weights, gradients,
 # optimizer state, activations, evaluation), without the interpreter and libraries. Linux only.
 PEAK_RSS_ABOVE_BASELINE_GB = "peak_rss_above_baseline_gb"
-# The most the C heap held at once above the same baseline, sampled after every forward, backward, optimizer
-# step and evaluation batch: what the method controls, without the freed pages RSS keeps (glibc, Linux).
-PEAK_HEAP_ABOVE_BASELINE_GB = "peak_heap_above_baseline_gb"
+# What the method holds at its peak: the model's tensors by their bytes plus the most the C heap held above
+# them, sampled after every forward, backward, optimizer step and evaluation batch; unlike RSS, without the
+# freed pages glibc keeps mapped (glibc, Linux).
+PEAK_TENSOR_MEMORY_GB = "peak_tensor_memory_gb"
 WALL_TIME_S = "wall_time_s"
 TRAIN_TIME_S = "train_time_s"
 EVAL_TIME_S = "eval_time_s"

@@ -158,7 +158,6 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
 
             preload_metrics(generation=cfg.task.type == "sft")
             rss_baseline = memory.reset_host_peak()
-            memory.start_heap_window()
             net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
             net = quantization.prepare_for_training(net, cfg.quant)
             if cfg.train.gradient_checkpointing:
@@ -174,6 +173,9 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             if device == "cpu":
                 quantization.patch_cpu_layers(net)
             trainable, total = parameter_counts(net)
+            # from here the heap's peak is what training and evaluation add to the weights; the weights are
+            # counted by their bytes, since a checkpoint transformers maps from disk is not on the heap
+            memory.start_heap_window()
             run.log_params({"target_modules_resolved": summarize(targets) or "all",
                             "n_target_modules": len(targets), "num_threads": torch.get_num_threads(),
                             "precision": cfg.train.precision,
@@ -244,7 +246,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
                 record.PEAK_RSS_ABOVE_BASELINE_GB: (memory.host_peak_since_reset_gb() - rss_baseline
                                                     if rss_baseline is not None else None),
-                record.PEAK_HEAP_ABOVE_BASELINE_GB: memory.heap_peak_above_baseline_gb(),
+                record.PEAK_TENSOR_MEMORY_GB: memory.peak_tensor_memory_gb(net),
                 **{k: max(train_peaks.get(k, 0), eval_peaks.get(k, 0)) for k in train_peaks}, **driver_view,
                 **{f"train_{k}": v for k, v in train_peaks.items()},
                 **{f"eval_{k}": v for k, v in eval_peaks.items()},
