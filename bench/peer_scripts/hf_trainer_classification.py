@@ -32,7 +32,7 @@ def encode(rows):
 
 train, val, test = (encode(splits[s]) for s in ("train", "validation", "test"))
 args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=16, per_device_eval_batch_size=64,
-                         learning_rate=1e-3, num_train_epochs=1, warmup_ratio=0.06, lr_scheduler_type="linear",
+                         learning_rate=1e-3, num_train_epochs=1, warmup_steps=0.06, lr_scheduler_type="linear",
                          weight_decay=0.0, max_grad_norm=1.0, seed=0, save_strategy="no", report_to=[],
                          logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
 

@@ -27,7 +27,7 @@ def conversations(split):
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
 args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-3,
-                 num_train_epochs=1, warmup_ratio=0.06, lr_scheduler_type="linear", max_grad_norm=1.0, seed=0,
+                 num_train_epochs=1, warmup_steps=0.06, lr_scheduler_type="linear", max_grad_norm=1.0, seed=0,
                  max_length=int(max_length), packing=packing == "1", save_strategy="no", report_to=[],
                  logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
 trainer = SFTTrainer(model=model, args=args, train_dataset=conversations("train"), eval_dataset=conversations("validation"),
