@@ -261,3 +261,22 @@ def test_a_packed_or_grouped_trial_repeats_its_metric_with_the_same_seed(knob, t
     assert first["status"] == second["status"] == "ok"
     assert first["val_loss"] == second["val_loss"] and first["train_loss"] == second["train_loss"]
     assert 0 < first[record.SETUP_TIME_S] < first[record.WALL_TIME_S]
+
+
+def test_a_tokenizer_without_a_chat_template_takes_one_from_a_file(smol_tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = None
+    task = _task(format="messages")
+    assert "needs a chat template" in sft.template_problem(tok, task)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                        "<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    task.chat_template = str(template)
+    assert sft.template_problem(tok, task) is None
+    row = sft.encode_row([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], tok, task)
+    # the template ends its prompt with a space, which the tokenizer merges into the answer's first token:
+    # that token is trained (the answer's first word is not lost), space and all
+    assert _trained_text(row, tok) == " Hello there<|im_end|>"
+    assert tok.decode(row["input_ids"]).startswith("[user] Hi")  # rendered by the file's template

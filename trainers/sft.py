@@ -14,6 +14,7 @@ runs through the template's end-of-turn token: the model must learn to stop.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -124,8 +125,13 @@ def template_problem(tokenizer, task: TaskConfig) -> str | None:
 
 def _template(tokenizer, task: TaskConfig) -> str | None:
     if task.chat_template:
-        return Path(task.chat_template).expanduser().read_text()
+        return _read_template(task.chat_template)
     return getattr(tokenizer, "chat_template", None)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_template(path: str) -> str:
+    return Path(path).expanduser().read_text()  # read once, not once per row
 
 
 def render(messages: list[dict], tokenizer, task: TaskConfig, generation: bool = False):
@@ -185,7 +191,9 @@ def encode_row(messages: list[dict], tokenizer, task: TaskConfig) -> dict | None
     enc = tokenizer(text, add_special_tokens=_adds_specials(task, tokenizer), return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
     for token, (start, end) in zip(ids, enc["offset_mapping"]):
-        inside = end > start and any(s <= start < e for s, e in spans)
+        # any overlap: a template that ends its prompt with a space merges it into the answer's first token
+        # (" Hello"), which must still be learned
+        inside = end > start and any(start < e and s < end for s, e in spans)
         labels.append(token if inside else -100)
     trained = [i for i, label in enumerate(labels) if label != -100]
     if not trained or len(ids) - trained[0] > task.max_length:
