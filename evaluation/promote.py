@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.report import arm_table, markdown
-from evaluation.runs import trial_table
+from evaluation.runs import sweep_metric, trial_table
 from trainers import record
 from trainers.tracking import find_parent
 
@@ -114,7 +114,8 @@ def merge_damage(weights: str, metric: str, logged: float) -> dict:
 
     model, tokenizer, cfg = load_trained(weights, base_quant="none", merge=True)
     merged = score_split(model, tokenizer, cfg, "test")[record.metric_key("test", metric)]
-    return {f"merged_fp_test_{metric}": merged, "merge_damage_pts": round(100 * (logged - merged), 2)}
+    return {f"merged_fp_test_{metric}": merged,
+            "merge_damage_pts": round(record.metric_scale(metric) * (logged - merged), 2)}
 
 
 def model_card(name: str, version_hint: str, winner: Winner, base: dict, sweep: str, table_md: str,
@@ -151,6 +152,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     parent = find_parent(client, experiment, sweep_id)
     sweep = parent.data.tags.get(record.SWEEP_ID, parent.info.run_name)
     trials = trial_table(client, parent)
+    metric = sweep_metric(parent, trials, metric)
     winner = choose(trials, metric, promote_cfg.rule, promote_cfg.within_points, promote_cfg.cost,
                     promote_cfg.memory_budget_gb)
     delta = winner.arm["test_delta_pts"]
@@ -203,4 +205,4 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     client.set_model_version_tag(name, version.version, "reload_check", f"test_{metric}={reproduced:.4f}")
     return {"name": name, "version": version.version, "alias": alias, "arm": run["arm"], "run_id": run["run_id"],
             "logged": logged, "reproduced": reproduced, "delta_vs_full_ft_pts": delta, "reason": winner.reason,
-            "uri": f"models:/{name}@{alias}", "base": base, **extra}
+            "uri": f"models:/{name}@{alias}", "base": base, "metric": metric, **extra}

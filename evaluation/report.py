@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation import plots
-from evaluation.runs import trial_table
+from evaluation.runs import sweep_metric, trial_table
 from trainers import record
 from trainers.tracking import find_parent
 
@@ -306,6 +306,7 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
     trials = trial_table(client, parent)
     if trials.empty:
         raise LookupError(f"sweep {sweep} has no trial runs")
+    metric = sweep_metric(parent, trials, metric)
     table = arm_table(trials, metric)
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)

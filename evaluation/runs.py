@@ -33,3 +33,14 @@ def trial_table(client, parent) -> pd.DataFrame:
     for col in ("r", "alpha", "lr", "seed", "gpu_share"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame.sort_values(["arm", "seed"]).reset_index(drop=True)
+
+
+def sweep_metric(parent, trials: pd.DataFrame, requested: str) -> str:
+    """The bare metric to compare a sweep's arms by: `requested` (the configured task's) when its trials
+    logged it, else the one the sweep itself ranked by (its parent run's `metric` param, e.g. val_rougeL).
+    `peftsweep report` without the sweep's `task=...` then still reads an sft sweep by its own metric."""
+    if record.metric_key("test", requested) in trials:
+        return requested
+    ranked = parent.data.params.get("metric", "")
+    bare = ranked.split("_", 1)[1] if "_" in ranked else ranked
+    return bare if bare and record.metric_key("test", bare) in trials else requested

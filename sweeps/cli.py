@@ -123,16 +123,16 @@ def cmd_promote(args) -> int:
           f"alias @{out['alias']}: {out['reason']}.")
     from trainers.record import metric_scale
 
-    scale = metric_scale(cfg.trial.task.metric)
-    print(f"Reload check (fresh process): {out['uri']} reproduces test {cfg.trial.task.metric} "
+    scale = metric_scale(out["metric"])
+    print(f"Reload check (fresh process): {out['uri']} reproduces test {out['metric']} "
           f"{scale * out['reproduced']:.2f} (logged {scale * out['logged']:.2f}); "
           f"{out['delta_vs_full_ft_pts']:+.2f} pts vs full FT.")
     base = out["base"]
     print(f"Base model: {base['path']}" + (f" sha256 {base['sha256'][:16]}…" if base["sha256"] else "")
           + (f" revision {base['revision']}" if base["revision"] else ""))
     if "merge_damage_pts" in out:
-        print(f"Merged into the full-precision base: test {cfg.trial.task.metric} "
-              f"{100 * out['merged_fp_test_' + cfg.trial.task.metric]:.2f} ({out['merge_damage_pts']:+.2f} pts lost)")
+        print(f"Merged into the full-precision base: test {out['metric']} "
+              f"{scale * out['merged_fp_test_' + out['metric']]:.2f} ({out['merge_damage_pts']:+.2f} pts lost)")
     return 0
 
 

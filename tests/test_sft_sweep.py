@@ -65,13 +65,14 @@ def test_a_messages_jsonl_sweep_end_to_end(tiny_llama, store, capsys):
     assert set(table["reference"]) <= references and table.groupby("run_id")["id"].apply(sorted).map(
         lambda ids: ids == list(range(8))).all()
 
-    assert main(["report", *common, "task.format=messages"]) == 0
+    # report and promote read the sweep's own metric without being told its task again
+    assert main(["report", f"tracking.uri={store['uri']}"]) == 0
     md = capsys.readouterr().out
     assert "test rougeL %" in md and "vs base (pts)" in md and "val loss" in md
     assert md.count("| reference |") == 3  # three fixed examples, each across every arm
     assert "What each arm writes" in md
 
-    assert main(["promote", *common]) == 0
+    assert main(["promote", f"tracking.uri={store['uri']}"]) == 0
     out = capsys.readouterr().out
     version = MlflowClient(store["uri"]).get_model_version_by_alias("bbc_headlines-tiny-llama", "champion")
     winner = c.get_run(version.run_id)
