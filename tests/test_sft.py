@@ -1,7 +1,6 @@
 """Instruction tuning (task.type=sft): data sources and formats, loss on the answers only (measured on the
 real SmolLM2 tokenizer and chat template), the answers' loss and greedy generation, the generation metrics,
 and a sweep over a user's own chat file through real Ray and MLflow, down to a served champion."""
-import json
 
 import pandas as pd
 import pytest
