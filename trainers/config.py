@@ -200,8 +200,10 @@ class TrainConfig:
     # sft: examples concatenated into rows of task.max_length, attention kept within each example (position
     # ids restart): no padding computed. batch_size then counts packed rows, so a step sees more examples.
     packing: bool = False
-    # Batches of rows of similar length (seeded): less padding without packing; changes which rows share a step.
-    group_by_length: bool = False
+    # Batches of rows of similar length (seeded): far less padding, so fewer FLOPs per real token (Rotten
+    # Tomatoes at batch 16: 56 % of the computed tokens are real in shuffled batches, 97 % grouped); it changes
+    # which rows share a step. Packing, where it is on, leaves no padding to group and takes precedence.
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+(:bs>\d+)?", str(self.inject_fault)):
@@ -246,8 +248,6 @@ class TrialConfig:
             raise ConfigError("full fine-tuning cannot train quantized weights: set quant.mode=none")
         if self.train.packing and self.task.type != "sft":
             raise ConfigError(f"train.packing is for sft tasks (task.type=sft), not {self.task.type}")
-        if self.train.packing and self.train.group_by_length:
-            raise ConfigError("train.packing and train.group_by_length exclude each other: packing leaves no padding")
 
 
 # The trial's sections, in the order a trial config is written.

@@ -40,7 +40,7 @@ def trial_params(cfg: TrialConfig) -> dict:
         "train_size": cfg.task.train_size, "max_length": cfg.task.max_length,
         "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": m.init_lora_weights if adapter else None,
         "task_type": cfg.task.type, "task_format": cfg.task.format if cfg.task.type == "sft" else None,
-        "packing": t.packing, "group_by_length": t.group_by_length,
+        "packing": t.packing, "group_by_length": t.group_by_length and not t.packing,
     }
 
 
