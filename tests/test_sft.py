@@ -232,6 +232,41 @@ def test_packing_keeps_every_examples_loss_and_attention_within_it(tiny_llama, s
     assert not torch.allclose(again[n0: n0 + n1], packed[n0: n0 + n1])
 
 
+def test_a_packed_step_computed_as_chunks_of_its_examples_has_the_packed_rows_loss_and_gradients(
+        tiny_llama, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    import contextlib
+
+    from trainers.batching import collate_packed, examples_batch, pack, train_loader, uses_varlen_attention
+    from trainers.loop import forward_backward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    task = _task(format="alpaca", columns={"input": "input", "output": "output"}, instruction=None)
+    ds, _ = sft.tokenize(sft.normalize(pd.DataFrame(ROWS), task), smol_tokenizer, task)
+    longest = max(len(ids) for ids in ds["input_ids"])
+    rows = pack([dict(r) for r in ds], max_length=2 * longest, seed=0)
+    assert len(rows) >= 2 and any(r["examples"] >= 2 for r in rows)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = forward_backward(model, batch, "cpu", contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False))
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    as_rows, as_chunks = collate_packed(smol_tokenizer)(rows), examples_batch(smol_tokenizer, 3)(rows)
+    assert len(as_chunks["chunks"]) >= 2 and sum(c["input_ids"].shape[0] for c in as_chunks["chunks"]) == len(ds)
+    assert int(as_rows["token_count"]) == int(as_chunks["token_count"])
+    row_loss, row_grads = loss_and_grads(as_rows)
+    chunk_loss, chunk_grads = loss_and_grads(as_chunks)
+    assert abs(row_loss - chunk_loss) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(row_grads, chunk_grads))
+    # which form a trial uses follows the attention kernel: packed rows only where kernels are varlen
+    cfg = load(["task=bbc_headlines", f"model.path={tiny_llama}", "train.packing=true", "train.batch_size=2"]).trial
+    assert uses_varlen_attention("flash_attention_2") and not uses_varlen_attention("sdpa")
+    assert "position_ids" in next(iter(train_loader(ds, smol_tokenizer, cfg, "flash_attention_2")))
+    assert "chunks" in next(iter(train_loader(ds, smol_tokenizer, cfg, "sdpa")))
+
+
 def test_length_grouped_batches_pad_less_and_repeat_with_the_seed():
     from trainers.batching import LengthGroupedBatches
 

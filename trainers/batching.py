@@ -1,9 +1,14 @@
 """How training rows become batches: shuffled (the default), grouped by length, or, for sft, packed.
 
-Packing concatenates tokenized examples into rows of up to `task.max_length` tokens with position ids that
-restart at every example and no attention mask: transformers then builds a block-diagonal causal mask from
-the position ids (SDPA and eager on any device; flash-attention's varlen kernels on CUDA), so attention never
-crosses an example and each example's loss is what it would be alone, at no padding cost.
+Packing concatenates tokenized examples into rows of up to `task.max_length` tokens: a step then holds a
+fixed token budget of whole examples, whatever their lengths. How a step is computed depends on the attention
+kernel. Flash attention's varlen kernels (CUDA) take the packed rows as they are: position ids that restart
+at every example and no attention mask, so attention never crosses an example and nothing is padded. SDPA and
+eager attention would build a block-diagonal mask over the whole row and compute all of it; for them the
+step's examples are sorted by length and computed as chunks of padded rows whose losses are weighted by
+their answer tokens (`examples_batch`): the same step, loss and gradients, at almost no padding and no
+cross-example attention computed (bench/attention_packing.py measures the three ways on CPU). Either way
+each example's loss is what it is alone.
 """
 from __future__ import annotations
 
@@ -52,6 +57,40 @@ def collate_packed(tokenizer):
     return fn
 
 
+def examples_batch(tokenizer, rows_per_chunk: int):
+    """The examples of a step's packed rows (cut where position ids restart), sorted by length and cut into
+    chunks of `rows_per_chunk` padded rows: what kernels without varlen attention compute fastest. Each chunk
+    carries its share of the step's answer tokens (`weight`), so the weighted chunk losses add up to the
+    packed step's loss and gradients exactly."""
+    def padded(examples):
+        width, pad = max(len(e["input_ids"]) for e in examples), tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples]),
+                "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
+                                                for e in examples]),
+                "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples])}
+
+    def fn(rows):
+        examples = sorted((e for r in rows for e in examples_of(r)), key=lambda e: len(e["input_ids"]))
+        chunks = [padded(examples[i: i + rows_per_chunk]) for i in range(0, len(examples), rows_per_chunk)]
+        answered = [int((c["labels"][:, 1:] != -100).sum()) for c in chunks]  # what a causal LM's loss averages
+        for chunk, n in zip(chunks, answered):
+            chunk["weight"] = torch.tensor(n / max(1, sum(answered)))
+        return {"chunks": chunks, "token_count": torch.tensor(sum(len(e["input_ids"]) for e in examples)),
+                "sequence_count": torch.tensor(len(examples))}
+    return fn
+
+
+def examples_of(row: dict) -> list[dict]:
+    """The whole examples of a packed row: they start where its position ids restart."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    return [{"input_ids": row["input_ids"][a:b], "labels": row["labels"][a:b]} for a, b in zip(starts, starts[1:])]
+
+
+def uses_varlen_attention(attn_implementation) -> bool:
+    """Flash attention (2, 3 or a hub kernel) reads example boundaries from position ids without a mask."""
+    return "flash" in str(attn_implementation or "")
+
+
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of similar length: shuffle, cut into windows of `batch_size * window` rows, sort each window by
     length, cut it into batches, shuffle the batches. Seeded, and reshuffled every epoch from the same
@@ -76,13 +115,17 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         return sum(-(-min(span, len(self.lengths) - s) // self.batch_size) for s in range(0, len(self.lengths), span))
 
 
-def train_loader(encoded, tokenizer, cfg: TrialConfig):
-    """The training DataLoader the trial's config asks for; the seed fixes its order."""
+def train_loader(encoded, tokenizer, cfg: TrialConfig, attn_implementation: str | None = None):
+    """The training DataLoader the trial's config asks for; the seed fixes its order. A packed step is
+    computed as packed rows under varlen attention, else as a padded batch of its examples."""
     t = cfg.train
     generator = torch.Generator().manual_seed(t.seed)
     if t.packing:
+        # a chunk of batch_size examples never holds more tokens than the batch_size packed rows of the step
+        collate = (collate_packed(tokenizer) if uses_varlen_attention(attn_implementation)
+                   else examples_batch(tokenizer, t.batch_size))
         return torch.utils.data.DataLoader(pack(encoded, cfg.task.max_length, t.seed), batch_size=t.batch_size,
-                                           shuffle=True, generator=generator, collate_fn=collate_packed(tokenizer))
+                                           shuffle=True, generator=generator, collate_fn=collate)
     if t.group_by_length:
         sampler = LengthGroupedBatches([len(ids) for ids in encoded["input_ids"]], t.batch_size, t.seed)
         return torch.utils.data.DataLoader(encoded, batch_sampler=sampler, collate_fn=data.collate(tokenizer))

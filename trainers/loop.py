@@ -45,22 +45,13 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             if fault_hook is not None:
                 fault_hook(step)
             counted = {k: batch.pop(k) for k in ("token_count", "sequence_count") if k in batch}
-            batch = _to({k: v for k, v in batch.items() if k not in ("prompt_len", "class_label")}, device)
-            # a packed batch has no attention mask (position ids delimit its examples) and must not build a
-            # generation cache, or the model would ignore the example boundaries
-            extra = {"use_cache": False} if "position_ids" in batch else {}
-            with autocast:
-                loss = model(**batch, **extra).loss / train_cfg.grad_accum
-            sample_heap()
-            scaler.scale(loss).backward()
-            sample_heap()
             if counted:
                 tokens += int(counted["token_count"])
                 sequences += int(counted["sequence_count"])
             else:
                 tokens += int(batch["attention_mask"].sum())
                 sequences += int(batch["attention_mask"].shape[0])
-            window.append(loss.item() * train_cfg.grad_accum)
+            window.append(forward_backward(model, batch, device, autocast, scaler, train_cfg.grad_accum))
             if (micro + 1) % train_cfg.grad_accum:
                 continue
             if check_grads:
@@ -86,6 +77,25 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
     return {"train_loss": sum(losses) / max(1, len(losses)), "steps": step, "tokens": tokens,
             "sequences": sequences, "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "precision": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
+
+
+def forward_backward(model, batch: dict, device: str, autocast, scaler, grad_accum: int = 1) -> float:
+    """Forward and backward of one micro-batch; returns its loss. A packed step computed as chunks (see
+    trainers/batching.py) runs each chunk, its loss weighted by its share of the step's answer tokens."""
+    total = 0.0
+    for chunk in batch.get("chunks") or [batch]:
+        weight = float(chunk.get("weight", 1.0))
+        chunk = _to({k: v for k, v in chunk.items() if k not in ("prompt_len", "class_label", "weight")}, device)
+        # a packed row has no attention mask (position ids delimit its examples) and must not build a
+        # generation cache, or the model would ignore the example boundaries
+        extra = {"use_cache": False} if "position_ids" in chunk else {}
+        with autocast:
+            loss = model(**chunk, **extra).loss
+        sample_heap()
+        scaler.scale(loss * (weight / grad_accum)).backward()
+        sample_heap()
+        total += loss.item() * weight
+    return total
 
 
 def untrained(train_cfg: TrainConfig, device: str) -> dict:

@@ -188,7 +188,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 encoded[name], dropped[name] = scoring.encode_counted(frame, tokenizer, cfg)
             if not len(encoded["train"]):
                 raise ValueError(f"every training row's answer exceeds task.max_length={cfg.task.max_length}")
-            train_loader = batching.train_loader(encoded["train"], tokenizer, cfg)  # shuffled, grouped or packed
+            train_loader = batching.train_loader(encoded["train"], tokenizer, cfg,  # shuffled, grouped or packed
+                                                 getattr(net.config, "_attn_implementation", None))
             setup_time = time.perf_counter() - wall_start  # everything before the first step: where time goes
 
             # 5. train, with validation passes the scheduler can act on

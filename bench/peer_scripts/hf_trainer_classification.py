@@ -1,7 +1,8 @@
 """The peer, written as an HF user would: Trainer + PEFT LoRA on the same data, split and hyperparameters as
 the peftsweep trial it is compared with. Prints one JSON line (wall, train tokens/s, val/test accuracy).
 
-    python bench/peer_scripts/hf_trainer_classification.py <model dir> <split json> <out dir> <threads>
+    python bench/peer_scripts/hf_trainer_classification.py <model dir> <split json> <out dir> <threads> \
+        [<group_by_length 0|1>]
 """
 import json
 import sys
@@ -16,6 +17,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           Trainer, TrainingArguments)
 
 model_dir, split_file, out_dir, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+group_by_length = len(sys.argv) > 5 and sys.argv[5] == "1"
 torch.set_num_threads(threads)
 splits = json.loads(open(split_file).read())
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -34,7 +36,8 @@ train, val, test = (encode(splits[s]) for s in ("train", "validation", "test"))
 args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=16, per_device_eval_batch_size=64,
                          learning_rate=1e-3, num_train_epochs=1, warmup_steps=0.06, lr_scheduler_type="linear",
                          weight_decay=0.0, max_grad_norm=1.0, seed=0, save_strategy="no", report_to=[],
-                         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+                         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+                         train_sampling_strategy="group_by_length" if group_by_length else "random")
 
 
 def accuracy(pred):

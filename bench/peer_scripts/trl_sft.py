@@ -36,6 +36,7 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=conversations("train"
                                             task_type="CAUSAL_LM"))
 out = trainer.train()
 val = trainer.evaluate()
+trainer.model.save_pretrained(f"{out_dir}/adapter", safe_serialization=True)
 tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
 print(json.dumps({"wall_s": time.perf_counter() - start, "train_s": out.metrics["train_runtime"],
                   "train_tokens_per_s": tokens / out.metrics["train_runtime"], "val_loss": val["eval_loss"]}))
