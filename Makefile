@@ -46,6 +46,8 @@ bench: install
 	$(PY) bench/asha_vs_fifo.py
 	$(PY) bench/faults.py
 	$(PY) bench/packing.py
+	$(PY) bench/attention_packing.py
+	$(PY) bench/encode_cache.py
 	$(PY) bench/gpu_table.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
 	  --sizes $$($(PY) -c "import torch; print('135m,1b' if torch.cuda.is_available() else 'tiny')")
 

@@ -2,8 +2,11 @@
 sizes on the real packaged Rotten Tomatoes CSV, and per-test MLflow stores."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never need the hub; offline mode makes a hub id fail at once instead of after ~30 s of retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tokenized splits are cached per machine (trainers/encoded_cache.py): a suite gets its own, not ~/.cache's.
+if "PEFTSWEEP_CACHE_DIR" not in os.environ:
+    os.environ["PEFTSWEEP_CACHE_DIR"] = tempfile.mkdtemp(prefix="peftsweep-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PEFTSWEEP_CACHE_DIR"], True)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

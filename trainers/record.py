@@ -43,6 +43,7 @@ WALL_TIME_S = "wall_time_s"
 TRAIN_TIME_S = "train_time_s"
 EVAL_TIME_S = "eval_time_s"
 SETUP_TIME_S = "setup_time_s"  # trial start to the first training step: data, tokenizer, model load, wrapping
+ENCODED_FROM_CACHE = "encoded_from_cache"  # 1: the tokenized splits were read from this machine's cache, 0: encoded
 TOKENS_PER_S = "tokens_per_s"
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainers import batching, data, loop, memory, quantization, record, scoring
+from trainers import batching, data, encoded_cache, loop, memory, quantization, record, scoring
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
 from trainers.device import pick_device
 from trainers.methods import apply_method, parameter_counts, upcast_trainable
@@ -182,10 +182,10 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                             "gradient_checkpointing": cfg.train.gradient_checkpointing,
                             "attn_implementation": getattr(net.config, "_attn_implementation", None)})
 
-            # 4. tokenize, as scoring reads each split (sft drops a row whose answer alone is too long)
-            encoded, dropped = {}, {}
-            for name, frame in splits.items():
-                encoded[name], dropped[name] = scoring.encode_counted(frame, tokenizer, cfg)
+            # 4. tokenize, as scoring reads each split (sft drops a row whose answer alone is too long), or read
+            # the splits a trial before this one on this machine tokenized the same way
+            encoded, dropped, from_cache = encoded_cache.encoded_splits(
+                splits, tokenizer, cfg, lambda frame: scoring.encode_counted(frame, tokenizer, cfg))
             if not len(encoded["train"]):
                 raise ValueError(f"every training row's answer exceeds task.max_length={cfg.task.max_length}")
             train_loader = batching.train_loader(encoded["train"], tokenizer, cfg,  # shuffled, grouped or packed
@@ -241,7 +241,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             results = {
                 **scores, record.TRAIN_LOSS: stats["train_loss"], record.STEP: stats["steps"],
                 record.TRAIN_TIME_S: stats["train_time_s"], record.EVAL_TIME_S: eval_time,
-                record.SETUP_TIME_S: setup_time,
+                record.SETUP_TIME_S: setup_time, record.ENCODED_FROM_CACHE: float(from_cache),
                 record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
                 record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
                 record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
