@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,8 +62,10 @@ def ours(overrides: list[str], threads: int, tmp: str, tag: str) -> dict:
     path = f"{tmp}/{tag}.yaml"
     dump_trial_config(cfg, path)
     start = time.perf_counter()
+    # a cold tokenized-splits cache: what one trial costs alone (bench/encode_cache.py measures a warm one)
+    env = {**os.environ, "PEFTSWEEP_CACHE_DIR": tempfile.mkdtemp(dir=tmp)}
     proc = subprocess.run([sys.executable, "-m", "trainers", "--config", path, "--json"], capture_output=True,
-                          text=True, check=True)
+                          text=True, check=True, env=env)
     result = _last_json(proc.stdout)
     metric = f"val_{cfg.task.metric}" if cfg.task.type != "sft" else "val_loss"
     out = {"wall_s": time.perf_counter() - start, "train_s": result["train_time_s"],

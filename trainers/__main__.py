@@ -73,5 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """Exit once the trial's record is written: run the atexit handlers (libraries flush there), then skip
+    the interpreter's teardown of torch, transformers and the model, ~2 s of a standalone trial's wall time
+    on 2 cores that writes nothing."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
