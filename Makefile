@@ -35,7 +35,7 @@ system-deps:
 
 test: install system-deps
 	$(VENV)/bin/lint-imports  # the layering contracts (.importlinter): arrows point one way
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu" --durations=15  # the slowest tests, so the suite stays near 20 min
 
 test-all: install system-deps
 	$(PY) -m pytest -q

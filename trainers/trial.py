@@ -80,6 +80,10 @@ def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
     kwargs["tags"] = {**(kwargs.get("tags") or {}), record.TRIAL_KEY: key}
     kwargs["arm"] = kwargs.get("arm") or record.standalone_arm(key)
     for retry in range(cfg.train.oom_retries + 1):
+        if retry:  # the failed attempt's model is unreachable only now, outside its frame and traceback
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         try:
             return run_trial(attempt, **kwargs)
         except torch.OutOfMemoryError:
@@ -265,6 +269,5 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
         # reached only when the scheduler stopped the trial: its run recorded `pruned`
         return {"status": "pruned", "mlflow_run_id": run.run_id, "arm": arm}
     finally:
-        gc.collect()
-        if device.startswith("cuda"):
+        if device.startswith("cuda"):  # hand the cached blocks the trial freed back to the GPU's other users
             torch.cuda.empty_cache()
