@@ -62,12 +62,7 @@ def examples_batch(tokenizer, rows_per_chunk: int):
     chunks of `rows_per_chunk` padded rows: what kernels without varlen attention compute fastest. Each chunk
     carries its share of the step's answer tokens (`weight`), so the weighted chunk losses add up to the
     packed step's loss and gradients exactly."""
-    def padded(examples):
-        width, pad = max(len(e["input_ids"]) for e in examples), tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples]),
-                "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
-                                                for e in examples]),
-                "labels": torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples])}
+    padded = data.collate(tokenizer)
 
     def fn(rows):
         examples = sorted((e for r in rows for e in examples_of(r)), key=lambda e: len(e["input_ids"]))
@@ -117,7 +112,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
 def train_loader(encoded, tokenizer, cfg: TrialConfig, attn_implementation: str | None = None):
     """The training DataLoader the trial's config asks for; the seed fixes its order. A packed step is
-    computed as packed rows under varlen attention, else as a padded batch of its examples."""
+    computed as packed rows under varlen attention, else as weighted chunks of its examples."""
     t = cfg.train
     generator = torch.Generator().manual_seed(t.seed)
     if t.packing:
