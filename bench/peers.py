@@ -133,7 +133,7 @@ def sft_rows(tmp: str, overrides: list[str], tag: str) -> tuple[str, str]:
 
 
 def table(title: str, results: dict, metrics: list[str], base: str) -> None:
-    print(f"\n{title} (medians; ratios are peftsweep / peer for time, peer / peftsweep for tokens/s)")
+    print(f"\n{title} (medians; both ratios are the first row / this row: wall < 1 and tok/s > 1 mean the first is faster)")
     print(f"{'runner':34s} {'n':>2s} {'wall s':>8s} {'train s':>8s} {'train tok/s':>12s} "
           + "".join(f"{m:>13s} " for m in metrics) + f"{'wall ratio':>10s} {'tok/s ratio':>11s}")
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
