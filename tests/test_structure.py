@@ -2,6 +2,7 @@
 writes a run's status, and a trial runs without Ray or Hydra."""
 import ast
 import configparser
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,18 +47,29 @@ def test_only_the_tracking_module_writes_a_run_status():
     assert not writers, writers
 
 
-def test_a_trial_runs_without_ray_or_hydra(tiny_bert, tmp_path):
-    """`python -m trainers` end to end in a fresh interpreter that never imports Ray, Hydra or OmegaConf."""
+def test_a_trial_runs_without_ray_or_hydra_and_never_imports_mlflow(tiny_bert, store):
+    """`python -m trainers` end to end in a fresh interpreter that never imports Ray, Hydra or OmegaConf, nor
+    MLflow: its run is written whole by the trial's writer process (trainers/trial_run.py)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers import record
+
     # the entry point ends the process itself (after the atexit handlers), so the check is one of them
     script = (
         "import atexit, sys, runpy\n"
-        "atexit.register(lambda: print('LOADED', sorted(m for m in ('ray', 'hydra', 'omegaconf') if m in sys.modules)))\n"
-        f"sys.argv = ['trainers', 'model.path={tiny_bert}', 'model.name=tiny-bert', 'tracking.enabled=false',"
+        "atexit.register(lambda: print('LOADED', sorted(m for m in ('ray', 'hydra', 'omegaconf', 'mlflow') "
+        "if m in sys.modules)))\n"
+        f"sys.argv = ['trainers', 'model.path={tiny_bert}', 'model.name=tiny-bert', 'tracking.uri={store['uri']}',"
         " 'task.train_size=32', 'task.validation_size=16', 'task.test_size=16', 'train.max_steps=2', '--json']\n"
         "runpy.run_module('trainers', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=store["dir"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0 and "LOADED []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert '"status": "ok"' in proc.stdout
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["status"] == "ok"
+    run = MlflowClient(store["uri"]).get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags[record.STATUS] == "ok"
+    assert run.data.metrics["test_accuracy"] == result["test_accuracy"] and run.data.params["method"] == "lora"
 
 
 def test_a_config_group_on_the_ray_free_entry_point_points_to_peftsweep_trial(tmp_path):

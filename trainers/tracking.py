@@ -1,7 +1,7 @@
 """The one MLflow module: every run that peftsweep writes or reads goes through here. A trial's child run
-(a context manager that maps how the trial ended to its status), the sweep's parent run, orphaned and
-pruned runs, and the searches the report, promotion and --resume make. `write_status` is the only writer
-of a run's outcome, so a run is never left RUNNING and its status always means the same thing.
+(RunRecorder, which runs in the trial's writer process: trainers/trial_run.py), the sweep's parent run,
+orphaned and pruned runs, and the searches the report, promotion and --resume make. `write_status` is the
+only writer of a run's outcome, so a run is never left RUNNING and its status always means the same thing.
 
 Uses MlflowClient with explicit run ids (no global active run), so it is safe in Ray workers and in
 processes that run several trials.
@@ -156,19 +156,15 @@ class _Outbox:
                 self.outage_since = None
 
 
-class TrialRun:
-    """A child run; a no-op when tracking is disabled (the bare baseline). Writes go through an outbox so
-    a tracking server that is down for a while costs no metric and does not stop training."""
+class RunRecorder:
+    """A trial's child run, created at once (waiting out an outage, up to outage_timeout_s: nothing after it can
+    be recorded without the run id), then written through an outbox so a tracking server that is down for a
+    while costs no metric. It lives in the trial's writer process (trainers/trial_run.py), not in the trial."""
 
     def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict):
-        self.enabled = cfg.enabled
-        self.run_id = None
-        self.closed = False
-        if not self.enabled:
-            return
         if cfg.uri.startswith(("http://", "https://")):
-            # MLflow's own HTTP retries (7, exponential backoff) would block training for minutes per
-            # write during an outage; the outbox retries instead, without stopping the trial.
+            # MLflow's own HTTP retries (7, exponential backoff) would hold every write for minutes during an
+            # outage; the outbox retries instead, in order.
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = client(cfg)
@@ -179,7 +175,6 @@ class TrialRun:
             all_tags[record.PARENT_RUN_ID] = cfg.parent_run_id
         if cfg.sweep_id:
             all_tags[record.SWEEP_ID] = cfg.sweep_id
-        # Everything after needs the run id: wait for the server here, before any training is spent.
         created = []
         _Outbox(cfg.outage_timeout_s).send(
             lambda: created.append(self.client.create_run(experiment_id(cfg), run_name=run_name,
@@ -190,25 +185,20 @@ class TrialRun:
         self.log_params(params)
 
     def log_params(self, params: dict) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import Param
 
         self.outbox.send(self._log_batch,
                          {"params": [Param(k, redact(v)[:6000]) for k, v in params.items() if v is not None]})
 
-    def log_metrics(self, metrics: dict, step: int = 0) -> None:
-        if not self.enabled:
-            return
+    def log_metrics(self, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
+        """`timestamp_ms`: when the trial measured them (a write delivered late keeps its time)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         self.outbox.send(self._log_batch,
                          {"metrics": [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]})
 
     def set_tags(self, tags: dict) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import RunTag
 
         self.outbox.send(self._log_batch, {"tags": [RunTag(k, redact(v)) for k, v in tags.items()]})
@@ -218,42 +208,29 @@ class TrialRun:
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         # The folder is temporary: deliver now, waiting out an outage if there is one.
-        if self.enabled:
-            self.outbox.send(self.client.log_artifacts, self.run_id, local_dir, artifact_path, wait=True)
+        self.outbox.send(self.client.log_artifacts, self.run_id, local_dir, artifact_path, wait=True)
 
     def log_table(self, frame, artifact_file: str) -> None:
         """A table the MLflow UI shows (and compares across runs) in its artifact and evaluation views."""
-        if self.enabled:
-            self.outbox.send(self.client.log_table, self.run_id, frame, artifact_file, wait=True)
+        self.outbox.send(self.client.log_table, self.run_id, frame, artifact_file, wait=True)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Record the outcome; blocks until every buffered write is delivered, so the trial's record is
         complete or the trial fails loudly."""
-        self.closed = True
-        if not self.enabled:
-            return
         self.outbox.send(write_status, self.client, self.run_id, status, error, wait=True)
 
-    def __enter__(self) -> "TrialRun":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        """The trial's outcome from how its body ended: normally → ok, StopTrial → pruned (swallowed: a
-        scheduler's stop is an outcome, not an error), out of memory → oom, anything else → failed."""
-        if self.closed:
-            return False
-        if exc is None:
-            self.finish("ok")
-            return False
-        if isinstance(exc, StopTrial):
-            self.set_tags({record.PRUNED_AT_STEP: exc.step})
-            self.finish("pruned")
-            return True
-        oom = type(exc).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch
-        detail = f"{type(exc).__name__}: {exc}" if oom else \
-            "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        self.finish("oom" if oom else "failed", redact(detail))
-        return False
+def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
+    """A trial's status from how its body ended: normally → ok, StopTrial → pruned (a scheduler's stop is an
+    outcome, not an error), out of memory → oom, anything else → failed; with the error text to record."""
+    if exc is None:
+        return "ok", None
+    if isinstance(exc, StopTrial):
+        return "pruned", None
+    oom = type(exc).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch
+    detail = f"{type(exc).__name__}: {exc}" if oom else \
+        "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return ("oom" if oom else "failed"), redact(detail)
 
 
 class StopTrial(Exception):

@@ -1,7 +1,7 @@
 """One trial, top to bottom: data → model (+ quantization) → method → train → evaluate → measure →
 save → log. Runs the same with or without Ray; a caller passes only `report` (where intermediate results
 go), the CPUs it granted, the arm label it planned and extra tags. How the trial ended becomes its run's
-status in one place (the `TrialRun` context manager of trainers/tracking.py)."""
+status in one place (the `TrialRun` context manager of trainers/trial_run.py)."""
 from __future__ import annotations
 
 import gc
@@ -20,7 +20,8 @@ from trainers.methods import apply_method, parameter_counts, upcast_trainable
 from trainers.metrics import preload as preload_metrics
 from trainers.model import load_model, load_tokenizer, shape_of
 from trainers.modules import resolve_target_modules, summarize
-from trainers.tracking import StopTrial, TrialRun
+from trainers.tracking import StopTrial
+from trainers.trial_run import TrialRun
 
 # Receives intermediate and final results; raises StopTrial when a scheduler ends the trial early.
 Report = Callable[[dict], None]
@@ -194,6 +195,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 raise ValueError(f"every training row's answer exceeds task.max_length={cfg.task.max_length}")
             train_loader = batching.train_loader(encoded["train"], tokenizer, cfg,  # shuffled, grouped or packed
                                                  getattr(net.config, "_attn_implementation", None))
+            run.ready()  # the run exists (its writer made it meanwhile) before any training is spent
             setup_time = time.perf_counter() - wall_start  # everything before the first step: where time goes
 
             # 5. train, with validation passes the scheduler can act on
