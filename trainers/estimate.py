@@ -30,7 +30,7 @@ ACT_BYTES_CUDA = 34  # 16-bit activations (Korthikanti et al. 2022), per token, 
 LORA_INPUT_BYTES = {"cpu": 10, "cuda": 4}  # per token and adapted input feature: dropout output (+ mask)
 DORA_WEIGHT_BYTES = {"cpu": 8, "cuda": 4}  # per adapted weight: W + BA for the norm, and its gradient path
 LOGIT_BYTES = {"cpu": 12, "cuda": 10}  # per token and vocabulary entry: logits, fp32 upcast, gradient
-RUNTIME_CPU_GB = 1.11  # fitted: RSS of a trial process before weights and activations (torch 2.13 CPU), fitted
+RUNTIME_CPU_GB = 1.11  # fitted: RSS of a trial process before weights and activations (torch 2.13 CPU),
 # when the trial wrote its own MLflow run; it now holds ~0.12 GB less and its writer process ~0.21 GB
 # (trainers/trial_run.py), so the constant still covers what one trial costs a machine
 RUNTIME_CUDA_GB = 0.0  # max_memory_allocated excludes the CUDA context
