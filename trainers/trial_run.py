@@ -139,8 +139,8 @@ class _Writer:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         # its own session: a Ctrl-C or a signal to the trial's process group is the trial's to record
         self.proc = subprocess.Popen([sys.executable, "-m", "trainers.trial_run", str(writer_end)],
-                                     stdin=subprocess.PIPE, pass_fds=(writer_end,), env=env, text=True,
-                                     bufsize=1, start_new_session=True)
+                                     stdin=subprocess.PIPE, pass_fds=(writer_end,), env=env, bufsize=0,
+                                     start_new_session=True)
         os.close(writer_end)
         self._answers: dict[int, dict] = {}
         self._failure: str | None = None  # a write that needed no answer and failed
@@ -169,21 +169,39 @@ class _Writer:
 
     def send(self, op: str, reply: bool = False, **payload) -> int:
         with self._cond:
-            if self._failure is not None or self._gone:
+            # after a failed write the outcome still goes out, so the run records why the trial failed
+            if self._gone or (self._failure is not None and op != "finish"):
                 raise self._dead()
             self._next_id += 1
             msg_id = self._next_id
             if reply:
                 self._answers[msg_id] = {}
         try:
-            self.proc.stdin.write(json.dumps({"op": op, "id": msg_id, "reply": reply, **payload}) + "\n")
+            self._write_line((json.dumps({"op": op, "id": msg_id, "reply": reply, **payload}) + "\n").encode())
         except (BrokenPipeError, ValueError):
             raise self._dead() from None
         return msg_id
 
+    def _write_line(self, data: bytes) -> None:
+        """The whole line or nothing: a Ctrl-C that lands mid-write (a full pipe) would leave half a request
+        for the next one to corrupt, so SIGINT is held until the line is out, then delivered."""
+        held: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.proc.stdin.fileno(), view):]
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+                if held:
+                    os.kill(os.getpid(), signal.SIGINT)
+
     def wait(self, msg_id: int) -> dict:
         with self._cond:
-            self._cond.wait_for(lambda: self._answers[msg_id] or self._gone)
+            # a request the writer could not read is never answered: its error ends the wait instead
+            self._cond.wait_for(lambda: self._answers[msg_id] or self._gone or self._failure is not None)
             answer = self._answers.pop(msg_id)
         if not answer:
             raise self._dead()
@@ -212,9 +230,14 @@ def serve(answers_fd: int) -> None:
     inbox: queue.Queue = queue.Queue()
 
     def read_requests() -> None:
-        for line in sys.stdin:
-            inbox.put(json.loads(line))
-        inbox.put(None)
+        try:
+            for line in sys.stdin:
+                try:
+                    inbox.put(dict(json.loads(line)))
+                except (ValueError, TypeError):  # the trial is told, rather than left waiting for an answer
+                    inbox.put({"op": "unreadable", "id": None, "reply": False, "line": line[:80]})
+        finally:
+            inbox.put(None)
 
     threading.Thread(target=read_requests, daemon=True).start()
     recorder = None
@@ -249,6 +272,8 @@ def serve(answers_fd: int) -> None:
 
 
 def _apply(recorder, op: str, msg: dict) -> None:
+    if op == "unreadable":
+        raise ValueError(f"unreadable tracking request {msg['line']!r}")
     if op == "retry":
         recorder.outbox.flush(wait=False)
     elif op == "params":
