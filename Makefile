@@ -48,6 +48,7 @@ bench: install
 	$(PY) bench/packing.py
 	$(PY) bench/attention_packing.py
 	$(PY) bench/encode_cache.py
+	$(PY) bench/dropout.py
 	$(PY) bench/gpu_table.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
 	  --sizes $$($(PY) -c "import torch; print('135m,1b' if torch.cuda.is_available() else 'tiny')")
 

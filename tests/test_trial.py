@@ -57,6 +57,10 @@ def test_trial_records_everything_and_counts_like_peft(tiny_bert, store, preset,
     assert not any(f.endswith(".bin") for f in files)
     resolved = run.data.params["target_modules_resolved"]
     assert all(t in resolved for t in targets)
+    # CPU: every dropout (embeddings, 3 a layer, head, and one an adapted module) draws the cheaper mask
+    adapted = 2 * len(targets) if preset == "attention_qv" else 2 * 6 + 1
+    assert run.data.params["fast_cpu_dropout"] == "True"
+    assert int(run.data.params["cpu_dropout_modules"]) == 1 + 3 * 2 + 1 + adapted
 
 
 def test_trial_trains_only_the_adapter(tiny_bert, store):

@@ -204,6 +204,9 @@ class TrainConfig:
     # Tomatoes at batch 16: 56 % of the computed tokens are real in shuffled batches, 97 % grouped); it changes
     # which rows share a step. Packing, where it is on, leaves no padding to group and takes precedence.
     group_by_length: bool = True
+    # CPU only: dropout masks from 16 random bits per element instead of torch's bernoulli_ (trainers/dropout.py):
+    # ~2.5x cheaper masks, ~15 % faster MiniLM LoRA steps; a seed still reproduces, but other masks than torch's.
+    fast_cpu_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+(:bs>\d+)?", str(self.inject_fault)):

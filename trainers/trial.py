@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainers import batching, data, encoded_cache, loop, memory, quantization, record, scoring
+from trainers import batching, data, dropout, encoded_cache, loop, memory, quantization, record, scoring
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
 from trainers.device import pick_device
 from trainers.methods import apply_method, parameter_counts, upcast_trainable
@@ -42,6 +42,7 @@ def trial_params(cfg: TrialConfig) -> dict:
         "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": m.init_lora_weights if adapter else None,
         "task_type": cfg.task.type, "task_format": cfg.task.format if cfg.task.type == "sft" else None,
         "packing": t.packing, "group_by_length": t.group_by_length and not t.packing,
+        "fast_cpu_dropout": t.fast_cpu_dropout,
     }
 
 
@@ -175,8 +176,11 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             targets = resolve_target_modules(net, cfg.method.target_modules) if cfg.method.is_adapter else []
             net = apply_method(net, cfg.method, targets, cfg.task.type)
             upcast_trainable(net)
+            cpu_dropouts = 0
             if device == "cpu":
                 quantization.patch_cpu_layers(net)
+                if cfg.train.fast_cpu_dropout:  # a quarter of a MiniLM step went to drawing dropout masks
+                    cpu_dropouts = dropout.use_cpu_dropout(net)
             trainable, total = parameter_counts(net)
             # from here the heap's peak is what training and evaluation add to the weights; the weights are
             # counted by their bytes, since a checkpoint transformers maps from disk is not on the heap
@@ -185,7 +189,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                             "n_target_modules": len(targets), "num_threads": torch.get_num_threads(),
                             "precision": cfg.train.precision,
                             "gradient_checkpointing": cfg.train.gradient_checkpointing,
-                            "attn_implementation": getattr(net.config, "_attn_implementation", None)})
+                            "attn_implementation": getattr(net.config, "_attn_implementation", None),
+                            "cpu_dropout_modules": cpu_dropouts})
 
             # 4. tokenize, as scoring reads each split (sft drops a row whose answer alone is too long), or read
             # the splits a trial before this one on this machine tokenized the same way
