@@ -94,3 +94,45 @@ def test_a_writer_that_dies_fails_the_trial_loudly(tiny_bert, store):
 
     with pytest.raises(TrackingError, match="tracking writer process ended"):
         run_trial(cfg, fault_hook=kill_writer)
+
+
+def test_metrics_writes_waiting_behind_each_other_become_one_store_write_in_order():
+    import queue
+
+    from trainers.trial_run import _NOTHING, _take_metrics
+
+    def metrics(step):
+        return {"op": "metrics", "id": step, "reply": False, "metrics": {"val_loss": step / 10}, "step": step,
+                "timestamp_ms": 1000 + step}
+
+    inbox: queue.Queue = queue.Queue()
+    tags = {"op": "tags", "id": 90, "reply": False, "tags": {"k": "v"}}
+    for msg in (metrics(2), metrics(3), tags, metrics(4), None):
+        inbox.put(msg)
+    merged, carried = _take_metrics(inbox, metrics(1))
+    assert merged["op"] == "metrics" and merged["rows"] == [({"val_loss": s / 10}, s, 1000 + s) for s in (1, 2, 3)]
+    assert carried is tags  # the first other request ends the run and is served next: nothing overtakes it
+    merged, carried = _take_metrics(inbox, inbox.get())
+    assert merged["rows"] == [({"val_loss": 0.4}, 4, 1004)] and carried is None  # the end of input is kept too
+    merged, carried = _take_metrics(inbox, metrics(5))
+    assert carried is _NOTHING
+
+
+def test_a_burst_of_metrics_writes_is_delivered_whole_with_each_ones_step_and_time(store):
+    from trainers.config import TrackingConfig
+    from trainers.trial_run import TrialRun
+
+    cfg = TrackingConfig(uri=store["uri"], artifact_location=store["artifacts"])
+    run = TrialRun(cfg, run_name="burst", params={"p": 1}, tags={record.ARM: "burst"})
+    run.ready()
+    sent = {}
+    for step in range(1, 1501):  # 1,500 writes of 2 metrics: more than one MLflow batch when merged
+        run.log_metrics({"val_loss": 1 / step, "train_loss": float(step)}, step=step)
+        sent[step] = int(time.time() * 1000)
+    run.finish("ok")
+    c = MlflowClient(store["uri"])
+    history = c.get_metric_history(run.run_id, "val_loss")
+    assert sorted(m.step for m in history) == list(range(1, 1501))
+    assert all(m.value == 1 / m.step and abs(m.timestamp - sent[m.step]) < 1000 for m in history)
+    assert len(c.get_metric_history(run.run_id, "train_loss")) == 1500
+    assert c.get_run(run.run_id).data.tags[record.STATUS] == "ok"

@@ -156,6 +156,9 @@ class _Outbox:
                 self.outage_since = None
 
 
+_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
+
+
 class RunRecorder:
     """A trial's child run, created at once (waiting out an outage, up to outage_timeout_s: nothing after it can
     be recorded without the run id), then written through an outbox so a tracking server that is down for a
@@ -192,11 +195,18 @@ class RunRecorder:
 
     def log_metrics(self, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
         """`timestamp_ms`: when the trial measured them (a write delivered late keeps its time)."""
+        self.log_metric_rows([(metrics, step, timestamp_ms)])
+
+    def log_metric_rows(self, rows: list[tuple[dict, int, int | None]]) -> None:
+        """Several logging calls' (metrics, step, timestamp_ms) as one write: one sqlite transaction or one
+        request for all of them, in MLflow's batches of at most 1,000 metrics."""
         from mlflow.entities import Metric
 
-        now = timestamp_ms or int(time.time() * 1000)
-        self.outbox.send(self._log_batch,
-                         {"metrics": [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]})
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), timestamp_ms or now, step)
+                   for values, step, timestamp_ms in rows for k, v in values.items() if v is not None]
+        for start in range(0, len(metrics), _METRICS_PER_BATCH):
+            self.outbox.send(self._log_batch, {"metrics": metrics[start: start + _METRICS_PER_BATCH]})
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag

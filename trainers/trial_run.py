@@ -240,14 +240,19 @@ def serve(answers_fd: int) -> None:
             inbox.put(None)
 
     threading.Thread(target=read_requests, daemon=True).start()
-    recorder = None
+    recorder, carried = None, _NOTHING
     while True:
-        try:
-            msg = inbox.get(timeout=1.0 if recorder is not None and recorder.outbox.pending else None)
-        except queue.Empty:
-            msg = {"op": "retry", "id": None, "reply": False}
+        if carried is not _NOTHING:
+            msg, carried = carried, _NOTHING
+        else:
+            try:
+                msg = inbox.get(timeout=1.0 if recorder is not None and recorder.outbox.pending else None)
+            except queue.Empty:
+                msg = {"op": "retry", "id": None, "reply": False}
         if msg is None:
             break
+        if msg["op"] == "metrics":  # with every metrics write already waiting behind it: one store write
+            msg, carried = _take_metrics(inbox, msg)
         op, msg_id, reply = msg.pop("op"), msg.pop("id"), msg.pop("reply")
         try:
             if op == "open":
@@ -271,6 +276,25 @@ def serve(answers_fd: int) -> None:
     os._exit(0)  # skip tearing down MLflow's modules: nothing is left to write
 
 
+_NOTHING = object()  # no request carried over from the last batch (None is the end of input)
+
+
+def _take_metrics(inbox: queue.Queue, first: dict) -> tuple[dict, object]:
+    """`first` and the metrics writes queued right behind it, as one request ({"op": "metrics", "rows": ...}),
+    and the request that ended the run of them (or _NOTHING): a trial that validates faster than the store
+    commits (one sqlite transaction a write) then never builds a backlog its end would wait for. Order holds:
+    only consecutive metrics writes merge, and each keeps its own step and timestamp."""
+    rows = [(first["metrics"], first["step"], first["timestamp_ms"])]
+    while True:
+        try:
+            nxt = inbox.get_nowait()
+        except queue.Empty:
+            nxt = _NOTHING
+        if nxt is _NOTHING or nxt is None or nxt.get("op") != "metrics":
+            return {"op": "metrics", "id": first["id"], "reply": False, "rows": rows}, nxt
+        rows.append((nxt["metrics"], nxt["step"], nxt["timestamp_ms"]))
+
+
 def _apply(recorder, op: str, msg: dict) -> None:
     if op == "unreadable":
         raise ValueError(f"unreadable tracking request {msg['line']!r}")
@@ -279,7 +303,7 @@ def _apply(recorder, op: str, msg: dict) -> None:
     elif op == "params":
         recorder.log_params(msg["params"])
     elif op == "metrics":
-        recorder.log_metrics(msg["metrics"], msg["step"], msg["timestamp_ms"])
+        recorder.log_metric_rows(msg["rows"])
     elif op == "tags":
         recorder.set_tags(msg["tags"])
     elif op == "artifacts":
