@@ -1,11 +1,11 @@
 """CPU dropout: torch's nn.Dropout against peftsweep's CpuDropout (trainers/dropout.py), side by side in one run.
 
   masks   one dropout forward + backward on a MiniLM-sized activation ([16, 32, 384], p=0.1), alone
-  steps   MiniLM LoRA r8 q,v training on Rotten Tomatoes, batch 16, grouped by length: the same model, data
-          and seed trained with its dropouts as they come and with them swapped, alternated
+  steps   MiniLM LoRA r8 q,v training on Rotten Tomatoes, batch 16, grouped by length: two copies of the
+          model, one with its dropouts as they come and one with them swapped, a step each in turn
   sft     the same for SmolLM2-135M LoRA r8 q,v on BBC headlines (only the adapters have dropout there)
 Prints medians and the ratios torch / CpuDropout (> 1: the swap is faster), and the training loss of each, which
-differs only by which elements the masks drop. Usage: python bench/dropout.py [--steps 30] [--rounds 3]
+differs only by which elements the masks drop. Usage: python bench/dropout.py [--steps 60] [--rounds 3]
 [--threads 2] [--no-sft]
 """
 from __future__ import annotations
@@ -41,7 +41,12 @@ def masks(rounds: int) -> None:
     print(f"  ratio torch / CpuDropout: {med['torch nn.Dropout'] / med['CpuDropout']:.2f}x")
 
 
-def steps(overrides: list[str], title: str, steps_: int, rounds: int) -> None:
+def steps(overrides: list[str], title: str, steps_: int) -> None:
+    """Two copies of the same model (same weights, same batches), one with its dropouts swapped, trained a step
+    each in turn, the order flipped every step: each step's time is measured beside its twin's, so a burst of
+    machine noise lands on both, and the medians compare like with like."""
+    import itertools
+
     from sweeps.config import load
     from trainers import batching, data, loop, scoring
     from trainers.dropout import use_cpu_dropout
@@ -50,45 +55,51 @@ def steps(overrides: list[str], title: str, steps_: int, rounds: int) -> None:
     from trainers.modules import resolve_target_modules
 
     cfg = load(overrides).trial
-    cfg.train.max_steps = steps_
     tokenizer = load_tokenizer(cfg)
     encoded = scoring.encode(data.load_splits(cfg.task)["train"], tokenizer, cfg)
-
-    def trained(swap: bool) -> tuple[float, float, int]:
+    batches = list(itertools.islice(itertools.cycle(batching.train_loader(encoded, tokenizer, cfg)), steps_))
+    arms = {}
+    for name in ("torch nn.Dropout", "CpuDropout"):
         torch.manual_seed(cfg.train.seed)
         net = load_model(cfg, len(cfg.task.labels), tokenizer, "cpu")
         net = apply_method(net, cfg.method, resolve_target_modules(net, cfg.method.target_modules), cfg.task.type)
-        swapped = use_cpu_dropout(net) if swap else 0
-        out = loop.train(net, batching.train_loader(encoded, tokenizer, cfg), cfg.train, "cpu")
-        return out["train_time_s"], out["train_loss"], swapped
-
-    runs: dict[str, list] = {"torch nn.Dropout": [], "CpuDropout": []}
-    for i in range(rounds):  # alternate who goes first: machine noise spreads over both
-        for name in (list(runs) if i % 2 == 0 else list(reversed(runs))):
-            runs[name].append(trained(name == "CpuDropout"))
-    print(f"\n{title}: {steps_} steps (median of {rounds})")
-    med = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
-    for name, rs in runs.items():
-        print(f"  {name:18s} train {med[name]:7.2f} s  ({1e3 * med[name] / steps_:6.1f} ms/step)  "
-              f"train loss {rs[0][1]:.4f}  dropout modules swapped {rs[0][2]}")
+        swapped = use_cpu_dropout(net) if name == "CpuDropout" else 0
+        net.train()
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.train.lr)
+        arms[name] = {"net": net, "opt": optimizer, "ms": [], "loss": [], "swapped": swapped}
+    autocast, scaler = loop.autocast_for("cpu", "fp32"), torch.amp.GradScaler("cpu", enabled=False)
+    for i, batch in enumerate(batches):
+        torch.manual_seed(i)  # both arms draw their masks from the same generator state
+        for name in (list(arms) if i % 2 == 0 else list(reversed(arms))):
+            arm = arms[name]
+            start = time.perf_counter()
+            loss = loop.forward_backward(arm["net"], dict(batch), "cpu", autocast, scaler)
+            arm["opt"].step()
+            arm["opt"].zero_grad(set_to_none=True)
+            arm["ms"].append(1e3 * (time.perf_counter() - start))
+            arm["loss"].append(loss)
+    med = {name: statistics.median(arm["ms"]) for name, arm in arms.items()}
+    print(f"\n{title}: {steps_} steps each, interleaved (median ms per step)")
+    for name, arm in arms.items():
+        print(f"  {name:18s} {med[name]:8.1f} ms/step  mean train loss {statistics.mean(arm['loss']):.4f}  "
+              f"dropout modules swapped {arm['swapped']}")
     print(f"  ratio torch / CpuDropout: {med['torch nn.Dropout'] / med['CpuDropout']:.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3, help="mask timing rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-sft", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     masks(args.rounds)
-    steps(["method.target_modules=[query,value]"], "MiniLM LoRA r8 q,v, Rotten Tomatoes, batch 16",
-          args.steps, args.rounds)
+    steps(["method.target_modules=[query,value]"], "MiniLM LoRA r8 q,v, Rotten Tomatoes, batch 16", args.steps)
     if not args.no_sft:
         steps(["model=smollm2_135m", "task=bbc_headlines", "train.batch_size=8", "task.train_size=400",
                "method.target_modules=[q_proj,v_proj]"], "SmolLM2-135M LoRA r8 q,v, BBC headlines, batch 8",
-              max(4, args.steps // 5), args.rounds)
+              max(4, args.steps // 8))
 
 
 if __name__ == "__main__":

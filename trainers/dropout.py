@@ -1,4 +1,4 @@
-"""Dropout on the CPU at a third of the cost: a sibling of the method, like quantization, swapped in after the
+"""Dropout on the CPU at less than half the cost: a sibling of the method, like quantization, swapped in after the
 model is wrapped (trainers/trial.py) and applied to every `nn.Dropout` it holds (the base's and the adapters').
 
 PyTorch draws a CPU dropout mask with `bernoulli_`, one double-precision draw of its serial Mersenne Twister
@@ -39,8 +39,9 @@ class CpuDropout(torch.nn.Dropout):
         if not x.is_cpu or self.inplace or not 0.0 < self.p < 1.0:
             return super().forward(x)
         keep, scale = keep_mask(x.shape, self.p)
-        # x * keep saves only the bool mask for backward (nn.Dropout saves a float one); the scale is in place
-        return (x * keep).mul_(scale)
+        # the scale folded into a float mask, as nn.Dropout's: backward is then one multiply (multiplying by the
+        # bool mask itself would convert it to float again in backward, ~30 % more time for the pair)
+        return x * keep.to(x.dtype).mul_(scale)
 
 
 def use_cpu_dropout(model: torch.nn.Module) -> int:
