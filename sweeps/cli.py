@@ -237,5 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                                       "sweep" if args.command == "sweep" else ""), 130)
 
 
+def run() -> None:
+    """The `peftsweep` command: main(), then exit without tearing down the interpreter. Once a sweep has
+    closed its runs and stopped Ray, unloading torch, transformers, Ray and MLflow writes nothing and took
+    ~2.2 s of every sweep's wall time on 2 cores; the atexit handlers still run."""
+    from trainers.__main__ import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
