@@ -205,7 +205,8 @@ class TrainConfig:
     # which rows share a step. Packing, where it is on, leaves no padding to group and takes precedence.
     group_by_length: bool = True
     # CPU only: dropout masks from 16 random bits per element instead of torch's bernoulli_ (trainers/dropout.py):
-    # ~2.4x cheaper masks, ~1.15x faster LoRA steps; a seed still reproduces, but other masks than torch's.
+    # ~2x cheaper masks, LoRA steps ~1.15x faster at 2 threads (~1x at 1). A seed still reproduces a run, but
+    # the masks are not torch's: false gives torch's own.
     fast_cpu_dropout: bool = True
 
     def __post_init__(self) -> None:
