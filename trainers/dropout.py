@@ -6,8 +6,9 @@ per element: on MiniLM LoRA at batch 16 its 32 masks a step took a quarter of th
 which the other core waited. `CpuDropout` draws 64 random bits per four elements instead, and drops an element
 when its 16 bits fall under p (p is kept to 1/65536: 0.05 becomes 0.0500031, and the survivors are scaled
 by that exact rate, so activations keep their expectation). The draws come from the same seeded generator
-(`torch.manual_seed`), so a seed still reproduces a run exactly; the stream differs from `bernoulli_`'s, so
-a trial with `train.fast_cpu_dropout=false` sees other masks. bench/dropout.py measures both side by side.
+(`torch.manual_seed`), so a seed still reproduces a run exactly; the masks are not `bernoulli_`'s, so a run
+moves by what another seed would move it, and `train.fast_cpu_dropout=false` gives torch's masks back.
+The gain is largest where a trial has several threads (bench/dropout.py measures both side by side).
 
 Attention-probability dropout inside `scaled_dot_product_attention` is the kernel's own and is left alone.
 """
