@@ -63,7 +63,6 @@ def tokenize_sft(frame: pd.DataFrame, tokenizer, task: TaskConfig):
     from datasets import Dataset
 
     eos = tokenizer.eos_token or ""
-
     out = {"class_label": [], "input_ids": [], "attention_mask": [], "labels": [], "prompt_len": []}
     for text, label in zip(frame["text"], frame["label"]):
         prompt_ids = tokenizer(task.prompt_template.format(text=text), truncation=True,

@@ -19,12 +19,12 @@ import torch
 _LEVELS = 1 << 16  # a mask element's resolution: 16 random bits
 
 
-def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     """(bool mask of the elements kept, the scale that keeps the expectation): each element is dropped with
     probability round(p * 65536) / 65536, independently."""
     n = shape.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64)
-    words.random_(-(1 << 63), (1 << 63) - 1, generator=generator)  # the full 64 bits: four 16-bit draws
+    words.random_(-(1 << 63), (1 << 63) - 1)  # the full 64 bits: four 16-bit draws, from torch's seeded generator
     cut = round(p * _LEVELS)
     keep = words.view(torch.int16)[:n].view(shape) >= cut - _LEVELS // 2
     return keep, _LEVELS / (_LEVELS - cut)
