@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from trainers.config import LORA_FAMILY
+
 # (arm-table column, axis label, Pareto column, log scale)
 COSTS = (("peak_mem_gb", None, "pareto", False),
          ("train_time_s", "train time (s)", "pareto_time", False),
@@ -52,7 +54,7 @@ def pareto_png(table: pd.DataFrame, metric: str, path: Path) -> Path:
 def rank_modules_heatmap(table: pd.DataFrame, metric: str, path: Path) -> Path | None:
     """Mean test metric per (rank, target modules) over LoRA-family arms, with the delta to full FT in each
     cell; None when the sweep has fewer than two ranks or module sets to lay out."""
-    arms = table[table["method"].isin(["lora", "rslora", "dora"]) & table["test_mean"].notna()]
+    arms = table[table["method"].isin(LORA_FAMILY) & table["test_mean"].notna()]
     if arms.empty or arms["r"].nunique() * arms["target_modules"].nunique() < 2:
         return None
     grid = arms.pivot_table(index="target_modules", columns="r", values="test_mean", aggfunc="max")

@@ -94,12 +94,15 @@ def reload_check(model_uri: str, tracking_uri: str, logged: float, metric: str, 
     """Load the version exactly as a consumer would (`mlflow.pyfunc.load_model` in a new interpreter), predict
     the held-out test split from raw text, and return the reproduced metric; PromotionRefused if it strays."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    proc = subprocess.run([sys.executable, "-m", "evaluation.reload_check", model_uri], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "evaluation.reload_check", model_uri, metric], capture_output=True,
                           text=True, env=env, cwd=str(Path(__file__).resolve().parent.parent))
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PromotionRefused(f"{model_uri} does not reload: {last}")
-    reproduced = json.loads(proc.stdout.strip().splitlines()[-1])["value"]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    if answer["metric"] != metric:  # the check's contract: the figure compared is the figure reproduced
+        raise PromotionRefused(f"{model_uri} reload check scored {answer['metric']}, not {metric}")
+    reproduced = answer["value"]
     scale = record.metric_scale(metric)
     if math.isnan(reproduced) or abs(reproduced - logged) * scale > tolerance_points:
         raise PromotionRefused(f"{model_uri} reloads to test {metric} {scale * reproduced:.2f} but the run logged "

@@ -15,7 +15,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from trainers.config import ConfigError
+from trainers.config import METHOD_KEYS, ConfigError
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint", "derive")
 SAMPLED = ("choice", "uniform", "loguniform", "randint")
@@ -115,17 +115,14 @@ def grid_points(dims: list[Dim]) -> list[dict]:
     return [dict(zip([d.key for d in grid], combo)) for combo in itertools.product(*values)]
 
 
-# Keys a method does not read: grid points differing only there are one configuration, trained once.
-_UNUSED = {"ia3": ("r", "alpha", "init_lora_weights"),
-           "full": ("r", "alpha", "init_lora_weights", "dropout", "target_modules"),
-           "base": ("r", "alpha", "init_lora_weights", "dropout", "target_modules")}
 # The base arm: the untouched base model, scored without training (search.base_arm).
 BASE_ARM = {"method.name": "base", "quant.mode": "none"}
 
 
 def effective(trial: dict) -> dict:
     """A trial dict without what its method does not read and without tracking: one configuration."""
-    method = {k: v for k, v in trial["method"].items() if k not in _UNUSED.get(trial["method"]["name"], ())}
+    reads = METHOD_KEYS[trial["method"]["name"]]
+    method = {k: v for k, v in trial["method"].items() if k == "name" or k in reads}
     return {**{k: v for k, v in trial.items() if k != "tracking"}, "method": method}
 
 

@@ -69,6 +69,27 @@ def test_keys_a_method_does_not_read_never_split_or_name_it():
     assert [arm_label(t, keys) for t in trials] == ["full-lr0.0001", "lora-r4-a8-lr0.001", "lora-r8-a16-lr0.001"]
 
 
+def test_ia3_arms_that_differ_only_in_what_ia3_ignores_train_once():
+    """IA3 learns scaling vectors: dropout, r, alpha and init change nothing it trains, so a grid over them
+    is one IA3 configuration (trained once, named once), while the LoRA arms still split on dropout."""
+    plan = build_plan(load(["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
+                            "+search.space.method.name=[ia3,lora]", "+search.space.method.dropout=[0.0,0.1]",
+                            "+search.space.method.target_modules=[[query,value]]"]))
+    _assert_one_label_per_configuration(plan)
+    assert sorted(plan.order) == ["ia3", "lora-dropout=0", "lora-dropout=0.1"], plan.order
+
+
+def test_a_run_logs_only_the_method_keys_its_method_reads():
+    from trainers.config import METHOD_KEYS, trial_config_from_dict
+    from trainers.trial import trial_params
+
+    base = build_plan(load(["search=tiny"])).trial_dict(build_plan(load(["search=tiny"])).order[0], 0)
+    for name, reads in METHOD_KEYS.items():
+        cfg = trial_config_from_dict({**base, "method": {**base["method"], "name": name}})
+        logged = {k for k in ("r", "alpha", "dropout", "init_lora_weights") if trial_params(cfg)[k] is not None}
+        assert logged == set(reads) - {"target_modules"}, name
+
+
 @pytest.mark.slow
 def test_a_sweep_over_batch_size_reports_one_row_per_configuration(tiny_bert, store, capsys):
     small = [o for o in tiny_overrides(tiny_bert, store) if not o.startswith("train.batch_size=")]

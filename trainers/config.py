@@ -15,6 +15,12 @@ import yaml
 
 # `base`: the untouched base model, scored without training (the "did fine-tuning help at all" arm).
 METHODS = ("lora", "rslora", "dora", "ia3", "full", "base")
+LORA_FAMILY = ("lora", "rslora", "dora")  # low-rank updates: the methods that read r, alpha and init
+# What each method reads of `method.*` (beside its name). Two configurations that differ only in a key their
+# method does not read are one configuration: the plan trains it once and a run never logs the ignored key.
+METHOD_KEYS = {**{m: ("r", "alpha", "dropout", "target_modules", "init_lora_weights") for m in LORA_FAMILY},
+               "ia3": ("target_modules",),  # IA3 learns scaling vectors: no rank, no scale, no dropout
+               "full": (), "base": ()}
 QUANT_MODES = ("none", "int8", "nf4", "fp4")
 # classification: an encoder head; causal_lm_sft: a causal LM scored by the likelihood of each label word;
 # sft: instruction tuning, scored by what the model generates (trainers/sft.py).
@@ -126,7 +132,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"method.name={self.name!r} is not one of {', '.join(METHODS)}")
-        if self.name in ("lora", "rslora", "dora"):
+        if self.name in LORA_FAMILY:
             if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
                 raise ConfigError(f"method.r must be a positive integer, got {self.r!r}")
             if self.alpha <= 0:
@@ -151,6 +157,10 @@ class MethodConfig:
     @property
     def is_adapter(self) -> bool:
         return self.name not in ("full", "base")
+
+    def reads(self, key: str) -> bool:
+        """Whether this method's training depends on `method.<key>` (METHOD_KEYS)."""
+        return key == "name" or key in METHOD_KEYS[self.name]
 
     @property
     def trains(self) -> bool:

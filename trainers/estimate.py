@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers.config import LORA_FAMILY
+
 GB = 1024 ** 3
 BYTES_PER_FROZEN = {"int8": 1.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}  # + one fp32 scale per 64-block
 ADAMW_BYTES = 8 + 4  # two fp32 moments + the foreach kernels' temporaries
@@ -107,7 +109,7 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
     modules = dict(cached_meta_model(cfg).named_modules())
     # with dropout, each adapted layer keeps its own dropped-out copy of its input (q, k and v: three copies
     # of one tensor); without, peft feeds the input itself and keeps only the rank-r output
-    lora_family = cfg.method.name in ("lora", "rslora", "dora") and cfg.method.dropout > 0
+    lora_family = cfg.method.name in LORA_FAMILY and cfg.method.dropout > 0
     est = estimate(trainable, total, hidden, layers, heads, cfg.train.batch_size, sequence_length(cfg),
                    cfg.quant.mode, cfg.method.is_adapter, device,
                    frozen_bytes=torch.finfo(base_dtype(cfg, device)).bits / 8,

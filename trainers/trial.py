@@ -29,17 +29,17 @@ Report = Callable[[dict], None]
 
 def trial_params(cfg: TrialConfig) -> dict:
     m, t = cfg.method, cfg.train
-    adapter = m.name in ("lora", "rslora", "dora")
+    # a key the method does not read is left out, so the run never shows a knob that changed nothing
+    method = {k: getattr(m, k) if m.reads(k) else None for k in ("r", "alpha", "dropout", "init_lora_weights")}
     return {
         "model": cfg.model.name, "model_path": cfg.model.path, "task": cfg.task.name, "method": m.name,
-        "r": m.r if adapter else None, "alpha": m.alpha if adapter else None,
-        "dropout": m.dropout if m.is_adapter else None,
+        "r": method["r"], "alpha": method["alpha"], "dropout": method["dropout"],
         "target_modules": m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules),
         "quantization": cfg.quant.mode, "double_quant": cfg.quant.double_quant,
         "compute_dtype": cfg.quant.compute_dtype, "lr": t.lr, "batch_size": t.batch_size,
         "grad_accum": t.grad_accum, "epochs": t.epochs, "max_steps": t.max_steps, "seed": t.seed,
         "train_size": cfg.task.train_size, "max_length": cfg.task.max_length,
-        "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": m.init_lora_weights if adapter else None,
+        "sweep_id": cfg.tracking.sweep_id, "init_lora_weights": method["init_lora_weights"],
         "task_type": cfg.task.type, "task_format": cfg.task.format if cfg.task.type == "sft" else None,
         "packing": t.packing, "group_by_length": t.group_by_length and not t.packing,
         "fast_cpu_dropout": t.fast_cpu_dropout,
