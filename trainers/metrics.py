@@ -1,15 +1,14 @@
-"""Task metrics through `evaluate`, from the modules shipped in evaluation/metrics/ (found by path, not
-imported: the trainer depends on the metric files, not on the evaluation package's code)."""
+"""Task metrics through `evaluate`, from the modules shipped beside this file in trainers/metric_modules/
+(`evaluate.load` of a local folder: the hub's copies cannot be fetched offline). They live in the bottom
+layer because a trial scores with them; evaluation and serving score through trainers' public API."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 
 def metrics_dir() -> str:
-    spec = importlib.util.find_spec("evaluation")
-    return os.path.join(list(spec.submodule_search_locations)[0], "metrics")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "metric_modules")
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,7 +21,7 @@ def load_metric(name: str):
     return evaluate.load(path)
 
 
-GENERATION_MODULES = ("rouge", "chrf", "bleu", "exact_match")  # folders in evaluation/metrics/
+GENERATION_MODULES = ("rouge", "chrf", "bleu", "exact_match")  # folders in trainers/metric_modules/
 
 
 def preload(generation: bool = False) -> None:
