@@ -147,6 +147,7 @@ def predict_train_flops(cfg) -> float:
     import math
 
     from trainers.flops import matmul_param_counts, transformer_flops_per_token
+    from trainers.loop import total_steps
     from trainers.model import shape_of
 
     if not cfg.method.trains:
@@ -158,6 +159,5 @@ def predict_train_flops(cfg) -> float:
     per_token = transformer_flops_per_token(frozen, trainable, layers, seq, hidden, cfg.method.name == "full")
     t = cfg.train
     rows = cfg.task.train_size or 10_000  # unknown without reading the data: equal for every arm anyway
-    steps = math.ceil(math.ceil(rows / t.batch_size) * t.epochs / t.grad_accum)
-    steps = min(steps, t.max_steps) if t.max_steps else steps
+    steps = total_steps(math.ceil(rows / t.batch_size), t)  # counted as the loop counts them
     return per_token * steps * t.batch_size * t.grad_accum * seq

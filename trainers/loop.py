@@ -12,7 +12,11 @@ from trainers.memory import sample_heap
 
 
 def total_steps(num_batches: int, train: TrainConfig) -> int:
-    steps = max(1, math.ceil(num_batches * train.epochs / train.grad_accum))
+    """Optimizer steps `train` takes: an epoch's last step takes what is left of it (a step never spans two
+    epochs), so an epoch is ceil(num_batches / grad_accum) steps; the epsilon keeps float noise in a fractional
+    `epochs` (0.1 x 30 = 3.0000000000000004) from adding a step."""
+    per_epoch = math.ceil(num_batches / train.grad_accum)
+    steps = max(1, math.ceil(train.epochs * per_epoch - 1e-9))
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
@@ -41,7 +45,11 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
     check_grads = True  # at the first step and after every evaluation pass
     started = time.perf_counter()
     while step < steps:
+        num_micro = len(loader)
         for micro, batch in enumerate(loader):
+            # the micro-batches this one's step sums: grad_accum, or what is left at the epoch's end (its
+            # gradients and losses are not carried into the next epoch's first step)
+            in_step = min(train_cfg.grad_accum, num_micro - micro // train_cfg.grad_accum * train_cfg.grad_accum)
             if fault_hook is not None:
                 fault_hook(step)
             counted = {k: batch.pop(k) for k in ("token_count", "sequence_count") if k in batch}
@@ -51,8 +59,8 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             else:
                 tokens += int(batch["attention_mask"].sum())
                 sequences += int(batch["attention_mask"].shape[0])
-            window.append(forward_backward(model, batch, device, autocast, scaler, train_cfg.grad_accum))
-            if (micro + 1) % train_cfg.grad_accum:
+            window.append(forward_backward(model, batch, device, autocast, scaler, in_step))
+            if (micro + 1) % train_cfg.grad_accum and micro + 1 < num_micro:
                 continue
             if check_grads:
                 _assert_gradients(model)
@@ -80,8 +88,10 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
 
 
 def forward_backward(model, batch: dict, device: str, autocast, scaler, grad_accum: int = 1) -> float:
-    """Forward and backward of one micro-batch; returns its loss. A packed step computed as chunks (see
-    trainers/batching.py) runs each chunk, its loss weighted by its share of the step's answer tokens."""
+    """Forward and backward of one micro-batch; returns its loss. `grad_accum`: the micro-batches its step
+    sums, each loss scaled by its inverse so the step's gradient is their mean. A packed step computed as
+    chunks (see trainers/batching.py) runs each chunk, its loss weighted by its share of the step's answer
+    tokens."""
     total = 0.0
     for chunk in batch.get("chunks") or [batch]:
         weight = float(chunk.get("weight", 1.0))

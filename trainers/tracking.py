@@ -8,6 +8,7 @@ processes that run several trials.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -109,17 +110,28 @@ _PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST
               "PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_STATE"}
 
 
+# A local file system refusing a write (an artifact folder on this machine in the way, read-only or full): no
+# outage that waiting ends. Network failures are OSErrors too, but with other errnos or none: still transient.
+_REFUSED_LOCALLY = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                    errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
 def _transient(exc: Exception) -> bool:
     """Server down, timing out, answering 5xx, or a locked sqlite file: worth waiting for."""
+    if isinstance(exc, OSError) and exc.errno in _REFUSED_LOCALLY:
+        return False
     return getattr(exc, "error_code", None) not in _PERMANENT
 
 
 class _Outbox:
     """Writes in order; what cannot be delivered now waits, in order, while the trial goes on training.
-    Each metric keeps the timestamp and step it was logged with, so a late delivery changes nothing."""
+    Each metric keeps the timestamp and step it was logged with, so a late delivery changes nothing.
+    A write refused for good, or still failing when a waiting flush gives up, is dropped (and kept in
+    `undelivered`): left at the head it would hold back every write behind it, the run's outcome included."""
 
     def __init__(self, outage_timeout_s: float):
         self.pending: list[tuple] = []
+        self.undelivered: list[str] = []  # the writes dropped, each as "what: why"
         self.outage_timeout_s = outage_timeout_s
         self.outage_since: float | None = None
 
@@ -132,20 +144,24 @@ class _Outbox:
         # `wait` (the trial's end): up to outage_timeout_s, since the process is about to exit.
         grace = self.outage_timeout_s if wait else (0.0 if self.outage_since else 5.0)
         deadline, delay = time.monotonic() + grace, 0.25
+        refused = None  # the first write refused for good: the caller hears of it once the rest went out
         while self.pending:
             fn, args = self.pending[0]
             try:
                 fn(*args)
             except Exception as exc:  # noqa: BLE001
                 if not _transient(exc):
-                    raise
+                    self._drop(exc)
+                    refused = refused or exc
+                    continue
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
                     print(f"tracking unreachable, buffering writes: {redact(str(exc))[:200]}", flush=True)
                 if time.monotonic() >= deadline:
-                    if wait:
+                    if wait:  # given up on: the next waiting flush (the outcome's) waits for its own write
+                        self._drop(exc)
                         raise
-                    return
+                    break
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 10.0)
                 continue
@@ -154,6 +170,13 @@ class _Outbox:
                 print(f"tracking reachable again after {time.monotonic() - self.outage_since:.0f} s; "
                       f"delivering {len(self.pending) + 1} buffered writes", flush=True)
                 self.outage_since = None
+        if refused is not None:
+            raise refused
+
+    def _drop(self, exc: Exception) -> None:
+        fn, _ = self.pending.pop(0)
+        self.undelivered.append(f"{getattr(fn, '__name__', 'write')}: {type(exc).__name__}: {redact(str(exc))[:500]}")
+        print(f"tracking: write undelivered, dropped: {self.undelivered[-1][:300]}", file=sys.stderr, flush=True)
 
 
 _METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
@@ -227,7 +250,15 @@ class RunRecorder:
     def finish(self, status: str, error: str | None = None) -> None:
         """Record the outcome; blocks until every buffered write is delivered, so the trial's record is
         complete or the trial fails loudly."""
-        self.outbox.send(write_status, self.client, self.run_id, status, error, wait=True)
+        def write_outcome() -> None:
+            # runs after every earlier write was delivered or dropped: a run missing one is not recorded ok
+            outcome, reason = status, error
+            if outcome == "ok" and self.outbox.undelivered:
+                outcome, reason = "failed", (f"{len(self.outbox.undelivered)} tracking writes undelivered; "
+                                             f"first: {self.outbox.undelivered[0]}")
+            write_status(self.client, self.run_id, outcome, reason)
+
+        self.outbox.send(write_outcome, wait=True)
 
 
 def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:

@@ -70,9 +70,12 @@ def fault_hook_for(spec: Optional[str], batch_size: int = 0) -> Optional[Callabl
 
 def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
     """run_trial, and on out-of-memory again with half the micro-batch and twice the gradient accumulation:
-    the same effective batch, so the retry answers the same question at less activation memory. Each
-    attempt is recorded (`oom`, then the retry's outcome); the last OOM propagates, which Ray searchers
-    treat as a failed (infeasible) trial rather than a bad score."""
+    the same effective batch, so the retry answers the same question at less activation memory. An odd
+    micro-batch cannot be halved exactly (15 → 7 x 2 is 14): the retry takes the largest micro-batch at most
+    half as large that divides the effective batch (15 → 5 x 3), so the effective batch stays exact. Each
+    attempt is recorded (`oom`, then the retry's outcome, tagged with the micro-batch x accumulation it
+    replaced); the last OOM propagates, which Ray searchers treat as a failed (infeasible) trial rather than
+    a bad score."""
     import dataclasses
 
     attempt = cfg
@@ -91,10 +94,16 @@ def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
         except torch.OutOfMemoryError:
             if retry == cfg.train.oom_retries or attempt.train.batch_size == 1:
                 raise
-            train = dataclasses.replace(attempt.train, batch_size=attempt.train.batch_size // 2,
-                                        grad_accum=attempt.train.grad_accum * 2)
+            batch, accum = attempt.train.batch_size, attempt.train.grad_accum
+            # at most half: each retry cuts activation memory at least as much as halving would, so the
+            # retries reach as small a micro-batch; 1 always divides, so the effective batch stays exact
+            smaller = max(d for d in range(1, batch // 2 + 1) if batch * accum % d == 0)
+            train = dataclasses.replace(attempt.train, batch_size=smaller, grad_accum=batch * accum // smaller)
             attempt = dataclasses.replace(attempt, train=train)
-            kwargs["tags"] = {**kwargs["tags"], record.OOM_RETRY: str(retry + 1)}
+            print(f"out of memory at micro-batch {batch} x accumulation {accum}: retrying at {smaller} x "
+                  f"{train.grad_accum} (effective batch {batch * accum})", flush=True)
+            kwargs["tags"] = {**kwargs["tags"], record.OOM_RETRY: str(retry + 1),
+                              f"{record.OOM_RETRY}_from": f"{batch}x{accum}"}
     raise AssertionError("unreachable")
 
 
@@ -223,14 +232,19 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             # 6. evaluate: validation selects, test reports
             memory.reset_cuda_peak(device)
             eval_start = time.perf_counter()
-            scores = {**scoring.evaluate(net, encoded["validation"], tokenizer, cfg, device, "val"),
-                      **scoring.evaluate(net, encoded["test"], tokenizer, cfg, device, "test")}
+            # each split's per-row record (record.ROW_SCORES_DIR) comes from these same predictions: no extra pass
+            scores, rows = {}, {}
+            for split, prefix in (("validation", "val"), ("test", "test")):
+                split_scores, rows[prefix] = scoring.evaluate_rows(net, encoded[split], tokenizer, cfg, device, prefix)
+                scores.update(split_scores)
             if cfg.task.type == "sft":  # what it writes: greedy generations, scored, the validation ones logged
                 val_scores, table = scoring.generate_split(net, tokenizer, cfg, splits["validation"], device, "val")
                 scores.update(val_scores)
-                scores.update(scoring.generate_split(net, tokenizer, cfg, splits["test"], device, "test")[0])
+                test_scores, test_table = scoring.generate_split(net, tokenizer, cfg, splits["test"], device, "test")
+                scores.update(test_scores)
                 run.log_table(table, record.GENERATIONS_TABLE)
                 scores[record.SFT_ROWS_DROPPED] = dropped["train"]
+                rows = {"val": table, "test": test_table}  # scored row by row at logging, outside eval time
             eval_time = time.perf_counter() - eval_start
             eval_peaks = memory.cuda_peaks(device)
 
@@ -264,12 +278,23 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 **{f"eval_{k}": v for k, v in eval_peaks.items()},
                 record.WALL_TIME_S: time.perf_counter() - wall_start,
             }
+            # one score a row, keyed by stable row ids, and each split's hash of its ordered ids: the report pairs
+            # arms row by row (evaluation/paired.py), and only runs whose hashes agree were scored on the same rows
+            with tempfile.TemporaryDirectory() as tmp:
+                for prefix, split in (("val", "validation"), ("test", "test")):
+                    keyed = scoring.row_record(cfg, splits[split], rows[prefix])
+                    run.log_params({record.row_ids_hash_param(prefix): record.row_ids_hash(keyed[record.ROW_ID])})
+                    scoring.write_row_record(keyed, Path(tmp) / Path(record.row_scores_file(prefix)).name)
+                run.log_artifacts(tmp, record.ROW_SCORES_DIR)
             run.log_metrics(results, step=stats["steps"])
+            # read before `ok` is recorded: a trial without the metric it is ranked by must fail in its run,
+            # not after it (the sweep would count it errored while its run said ok)
+            ranked = scores[metric_name]
             run.finish("ok")
             results.update({"status": "ok", "mlflow_run_id": run.run_id, "arm": arm})
             if report:
                 try:
-                    report({**results, metric_name: scores[metric_name]})
+                    report({**results, metric_name: ranked})
                 except StopTrial:
                     pass  # a stop at the final report (ASHA at max_t) comes after the trial finished: still ok
             return results
