@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.peftsweep-installed
 
-.PHONY: install system-deps demo test test-all bench bench-memory bench-packing bench-peers ui clean
+.PHONY: install system-deps demo test test-fast test-all bench bench-memory bench-packing bench-peers gpu-check ui clean
 
 install: $(STAMP)
 
@@ -35,7 +35,12 @@ system-deps:
 
 test: install system-deps
 	$(VENV)/bin/lint-imports  # the layering contracts (.importlinter): arrows point one way
-	$(PY) -m pytest -q -m "not gpu" --durations=15  # the slowest tests, so the suite stays near 20 min
+	$(PY) -m pytest -q -m "not gpu" --durations=15  # the slowest tests, so the suite stays near 15 min
+
+# The inner loop: everything but real sweeps (marked slow) and CUDA, in under 5 minutes on 2 cores.
+test-fast: install
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=10
 
 test-all: install system-deps
 	$(PY) -m pytest -q
@@ -64,6 +69,12 @@ bench-peers: install
 # GPU-pool scheduling on 4 logical GPUs: packed by predicted memory vs one trial per GPU.
 bench-packing: install
 	$(PY) bench/packing.py
+
+# The one-call device check (bench/README.md): wheels and asset files into .whl/ for the call to carry,
+# then the same script rehearsed on CPU with the packages the device lacks made unimportable.
+gpu-check: install
+	bash bench/gpu_check.sh --prepare
+	bash bench/gpu_check.sh --device cpu --sizes tiny --simulate-device
 
 ui: install
 	$(VENV)/bin/peftsweep ui

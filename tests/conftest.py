@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sqlite3
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -77,3 +79,48 @@ def tiny_llama(tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+# The sweep several tests read (report, promotion, serving, the MLflow UI): run once per session through the
+# real CLI, then each test gets a private copy of its finished store, so none of them pays for Ray, the trials
+# and the tracking writes again, and none sees another's promotions.
+TINY_SWEEP = ["search=tiny", "train.max_steps=3", "search.seeds=[0,1]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep_once(tiny_bert, tmp_path_factory) -> dict:
+    """`peftsweep sweep search=tiny` (full FT + LoRA r4, r8; seeds 0 and 1; 3 steps) on the tiny BERT, run
+    once; read it through `tiny_sweep`, which copies it."""
+    out = tmp_path_factory.mktemp("tiny-sweep")
+    store = {"uri": f"sqlite:///{out / 'mlflow.db'}", "artifacts": str(out / "mlartifacts"), "dir": out}
+    proc = subprocess.run([str(BIN / "peftsweep"), "sweep", *TINY_SWEEP, *tiny_overrides(tiny_bert, store)],
+                          capture_output=True, text=True, cwd=out, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {**store, "stdout": proc.stdout}
+
+
+@pytest.fixture
+def tiny_sweep(tiny_sweep_once, tmp_path, monkeypatch) -> dict:
+    """A private copy of the finished tiny sweep (a store dict, like `store`), the test running inside it."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.chdir(tmp_path)
+    # MLflow caches each run's artifact location by run id for the life of the process; a copy's runs keep
+    # their ids (which no real store shares), so the previous copy's locations must be forgotten
+    utils._artifact_repos_cache.clear()
+    return copy_store(tiny_sweep_once, tmp_path)
+
+
+def copy_store(store: dict, dest: Path) -> dict:
+    """A sqlite store and its artifact folder copied under `dest`, every path the store records pointing into
+    the copy (runs' artifact URIs, the experiment's artifact root), so writes to the copy stay there."""
+    src = Path(store["dir"])
+    shutil.copy2(src / "mlflow.db", dest / "mlflow.db")
+    shutil.copytree(store["artifacts"], dest / "mlartifacts")
+    with sqlite3.connect(dest / "mlflow.db") as conn:
+        for (table,) in conn.execute("select name from sqlite_master where type = 'table'").fetchall():
+            for column in conn.execute(f"pragma table_info('{table}')").fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                    conn.execute(f'update "{table}" set "{column[1]}" = replace("{column[1]}", ?, ?) '
+                                 f'where "{column[1]}" like ?', (str(src), str(dest), f"%{src}%"))
+    return {"uri": f"sqlite:///{dest / 'mlflow.db'}", "artifacts": str(dest / "mlartifacts"), "dir": dest}

@@ -29,8 +29,8 @@ def _runs(store):
     return c, parents, children
 
 
-def test_sweep_report_promote(tiny_bert, store, capsys):
-    _sweep(store, ["search=tiny", "train.max_steps=3", "search.seeds=[0,1]", *tiny_overrides(tiny_bert, store)])
+def test_sweep_report_promote(tiny_bert, tiny_sweep, capsys):
+    store = tiny_sweep  # search=tiny, 3 steps, seeds 0 and 1: run once per session (tests/conftest.py)
     c, parents, children = _runs(store)
 
     # one parent, one child per arm and seed, all finished and nested under the parent
@@ -125,6 +125,18 @@ def test_sweep_report_promote(tiny_bert, store, capsys):
     _champion_serves_like_direct_inference(store, c, winner)
 
 
+def test_the_reload_check_reproduces_the_metric_promotion_compares(tiny_sweep, capsys):
+    """Promoting by macro-F1 a sweep whose task metric is accuracy: the fresh-process check must reproduce
+    test macro-F1, the figure the gate compares, not the adapter's own task metric."""
+    store = tiny_sweep
+    assert main(["promote", f"tracking.uri={store['uri']}", "task.metric=macro_f1"]) == 0, capsys.readouterr().err
+    c = MlflowClient(store["uri"])
+    version = c.get_model_version_by_alias("rotten_tomatoes-tiny-bert", "champion")
+    logged = c.get_run(version.run_id).data.metrics
+    metric, reproduced = version.tags["reload_check"].split("=")
+    assert metric == "test_macro_f1" and float(reproduced) == pytest.approx(logged["test_macro_f1"], abs=1e-6)
+
+
 TEXTS = ["a warm, funny and beautifully acted film", "tedious, overlong and badly written",
          "the plot goes nowhere", "one of the best movies of the year"]
 
@@ -176,21 +188,32 @@ def _champion_serves_like_direct_inference(store, c, winner, uri="models:/rotten
         server.wait(timeout=30)
 
 
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tiny_bert, store, capsys):
+def test_a_failing_or_killed_trial_is_recorded_retried_and_the_sweep_goes_on(tiny_bert, store, capsys):
+    """One sweep, three trials: one trains, one raises, one's process is SIGKILLed (OOM killer, lost node). The
+    raising trial records its own error; the killed one cannot record anything, so the sweep closes its run as
+    failed; with cluster.max_failures=1 Ray retries each failure once, as a new run; nothing is left RUNNING."""
     _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
-                   "+search.space.train.inject_fault=[null,raise@1]", "train.max_steps=3",
-                   *tiny_overrides(tiny_bert, store)])
+                   "+search.space.train.inject_fault=[null,raise@1,kill@1]", "train.max_steps=3",
+                   "cluster.max_failures=1", *tiny_overrides(tiny_bert, store)])
     _, parents, children = _runs(store)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    by_status = {r.data.tags[record.STATUS]: r for r in children}
-    assert set(by_status) == {"ok", "failed"} and len(children) == 2
-    failed = by_status["failed"]
-    assert failed.info.status == "FAILED" and "injected fault at step 1" in failed.data.tags[record.ERROR]
     assert all(r.info.status != "RUNNING" for r in children + parents)
-    # the report still comes out, naming the failed run and why; no full-FT arm means no deltas
+    by_fault = {}
+    for r in children:
+        by_fault.setdefault(r.data.tags[record.ARM].split("inject_fault=")[1], []).append(r)
+    assert [r.data.tags[record.STATUS] for r in by_fault.pop("None")] == ["ok"]
+    raised = by_fault.pop("raise@1")
+    assert len(raised) == 2  # the attempt and its retry, each recording its own error
+    assert all(r.info.status == "FAILED" and r.data.tags[record.STATUS] == "failed"
+               and "injected fault at step 1" in r.data.tags[record.ERROR] for r in raised)
+    killed = by_fault.pop("kill@1")
+    assert len(killed) == 2 and not by_fault  # the attempt and its retry (killed again)
+    assert all(r.data.tags[record.STATUS] == "failed" and "ended without recording an outcome" in
+               r.data.tags[record.ERROR] for r in killed)
+    # the report still comes out, naming the failed runs and why; no full-FT arm means no deltas
     assert main(["report", f"tracking.uri={store['uri']}"]) == 0
     md = next(store["dir"].glob("reports/*/report.md")).read_text()
-    assert "Runs that did not finish ok (1 of 2)" in md and "RuntimeError: injected fault at step 1" in md
+    assert "Runs that did not finish ok (4 of 5)" in md and "RuntimeError: injected fault at step 1" in md
     assert "no full fine-tuning arm" in md
 
 
@@ -210,21 +233,6 @@ def test_asha_prunes_trailing_trials(tiny_bert, store):
         assert r.info.status == "FINISHED"
         if r.data.tags[record.STATUS] == "pruned":
             assert 1 <= int(r.data.tags[record.PRUNED_AT_STEP]) < 6
-
-
-@pytest.mark.parametrize("retries", [0, 1])
-def test_a_killed_trial_process_is_closed_or_retried_never_left_running(tiny_bert, store, retries):
-    """SIGKILL of a trial's process (OOM killer, lost node): the trial cannot record anything itself, so the
-    sweep closes its run as failed; with cluster.max_failures Ray retries it as a new run."""
-    _sweep(store, ["search=tiny", "search.full_ft_arm=false", "search.space.method.r=[4]",
-                   "+search.space.train.inject_fault=[null,kill@1]", "train.max_steps=3",
-                   f"cluster.max_failures={retries}", *tiny_overrides(tiny_bert, store)])
-    _, parents, children = _runs(store)
-    assert all(r.info.status != "RUNNING" for r in children + parents)
-    killed = [r for r in children if r.data.params.get("method") and r.data.tags[record.STATUS] == "failed"]
-    assert len(killed) == 1 + retries  # the original attempt and each retry (each is killed again)
-    assert all("ended without recording an outcome" in r.data.tags[record.ERROR] for r in killed)
-    assert sum(r.data.tags[record.STATUS] == "ok" for r in children) == 1
 
 
 def _count_ok(db) -> int:

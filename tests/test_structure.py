@@ -20,10 +20,22 @@ def test_every_internal_trainers_module_is_protected_by_the_contract():
     assert protected == {f"trainers.{m}" for m in modules}
 
 
-def test_import_contracts_hold():
-    proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "0 broken" in proc.stdout, proc.stdout[-3000:]
+def test_the_import_contracts_catch_a_trainer_that_imports_upward(tmp_path):
+    """`make test` runs lint-imports on the tree; this proves the contracts would fail it: a copy of the
+    packages where a trainers module imports the sweep layer (and Ray) breaks the layering contracts."""
+    import shutil
+
+    for item in ("sweeps", "evaluation", "trainers", ".importlinter"):
+        copy = shutil.copytree if (REPO / item).is_dir() else shutil.copy
+        copy(REPO / item, tmp_path / item)
+    loop = tmp_path / "trainers" / "loop.py"
+    loop.write_text(loop.read_text().replace("import torch\n", "import torch\n\nimport ray  # noqa\nimport sweeps.plan  # noqa\n", 1))
+    proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    broken = {line.split(" BROKEN")[0].strip() for line in proc.stdout.splitlines() if line.endswith("BROKEN")}
+    assert broken == {"sweeps above evaluation above trainers",
+                      "a trial runs without Ray or Hydra (python -m trainers)"}, proc.stdout[-3000:]
 
 
 def _writes_status(node: ast.Call) -> bool:
