@@ -19,7 +19,7 @@ _LAZY = {
     "load_trained": "trainers.inference", "write_base_reference": "trainers.inference",
     "score_split": "trainers.scoring", "predict_texts": "trainers.scoring", "split_inputs": "trainers.scoring",
     "score_predictions": "trainers.scoring", "input_column": "trainers.scoring",
-    "StopTrial": "trainers.tracking",
+    "StopTrial": "trainers.tracking", "load_row_scores": "trainers.tracking",
 }
 
 __all__ = ["ConfigError", "TrialConfig", "load_trial_config", "trial_config_from_dict", *_LAZY]

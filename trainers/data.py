@@ -47,6 +47,30 @@ def load_splits(task: TaskConfig) -> dict[str, pd.DataFrame]:
     return sources.partition({name: labelled(f) for name, f in frames.items()}, task)
 
 
+def row_ids(frame: pd.DataFrame, task: TaskConfig) -> list[str]:
+    """A stable id for each row of a split (classification: its text and label name; sft: its prompt and
+    reference), in split order: a 12-hex-digit hash of what the row says, so the same row has the same id in
+    every arm, seed and run, whatever the source's row order. The partition drops the source's row index, and
+    a content hash also keeps pairing honest if the file is edited. A repeated row (the same review twice)
+    gets its occurrence number appended (`<hash>-2`), counted in split order, so ids are unique."""
+    import hashlib
+    import json
+
+    if task.type == "sft":
+        keys = [json.dumps([prompt, reference], sort_keys=True, ensure_ascii=False)
+                for prompt, reference in zip(frame["prompt"], frame["reference"])]
+    else:
+        keys = [json.dumps([text, task.labels[int(label)]], ensure_ascii=False)
+                for text, label in zip(frame["text"], frame["label"])]
+    seen: dict[str, int] = {}
+    out = []
+    for key in keys:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        seen[digest] = seen.get(digest, 0) + 1
+        out.append(digest if seen[digest] == 1 else f"{digest}-{seen[digest]}")
+    return out
+
+
 def tokenize_classification(frame: pd.DataFrame, tokenizer, max_length: int):
     from datasets import Dataset
 

@@ -64,6 +64,21 @@ def metric_key(split: str, metric: str) -> str:
     return f"{split}_{metric}"
 
 
+# The task metrics each task type produces (bare names; logged as val_<name> and test_<name>): what a task's
+# `metric` may name and what a sweep may rank by. Classification scores its head's argmax; a causal LM adds the
+# answers' perplexity to the label-likelihood scores; sft scores the answers' loss and its greedy generations.
+GENERATION_METRICS = ("rougeL", "chrf", "bleu", "exact_match")
+TASK_METRICS = {"classification": ("accuracy", "macro_f1", "loss"),
+                "causal_lm_sft": ("accuracy", "macro_f1", "loss", "perplexity"),
+                "sft": GENERATION_METRICS + ("loss", "perplexity")}
+
+
+def ranked_metrics(task_type: str) -> tuple[str, ...]:
+    """Every result a trial of `task_type` reports that a sweep may rank by: its task metrics on validation
+    and on test, and the training loss."""
+    return (*(metric_key(split, m) for split in ("val", "test") for m in TASK_METRICS[task_type]), TRAIN_LOSS)
+
+
 # Metrics where lower is better; every other task metric (accuracy, macro_f1, rougeL, chrf, bleu,
 # exact_match: all fractions in [0, 1]) is better higher.
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -82,6 +97,40 @@ def metric_scale(metric: str) -> float:
 # Artifacts
 ADAPTER_DIR = "adapter"  # safetensors + adapter_config.json (full FT: the whole model) + trial config
 TRIAL_CONFIG_FILE = "peftsweep_trial.yaml"
+
+# Per-row scores of the final validation and test passes: every arm is scored on the same rows (one split seed),
+# so two arms' difference can be judged row by row (paired), which resolves far smaller differences than two
+# means with their own errors. One file a split, row_scores/<split>.json with split = "val" | "test", as
+# {"columns": [...], "data": [[...], ...]} (pandas' "split" orient, MLflow's table layout), in split order.
+ROW_SCORES_DIR = "row_scores"
+ROW_ID = "row_id"  # stable across arms, seeds and runs: a hash of what the row says (trainers/data.py row_ids)
+# The row's value of the task metric: 1.0 / 0.0 (correct or not) for accuracy; sft: the row's ROUGE-L or
+# exact match (their means are the logged metric), or its sentence chrF / BLEU (corpus chrF and BLEU are not
+# means over rows: compare those from the `generation` column, evaluation/paired.py paired_corpus_diff); NaN
+# for the teacher-forced loss and perplexity, which are scored on the encoded rows, not per row.
+ROW_SCORE = "score"
+# the other columns: classification (and causal_lm_sft): `prediction` and `label` (label names) and `loss` (the
+# row's cross-entropy; for a causal LM, per answer token of its true label); sft: `rougeL`, `chrf`, `bleu`,
+# `exact_match` (each in [0, 1]), `generation` and `reference`
+ROW_SPLITS = ("val", "test")
+
+
+def row_scores_file(split: str) -> str:
+    """The artifact path of a split's per-row scores (`val` or `test`, as metrics name them)."""
+    return f"{ROW_SCORES_DIR}/{split}.json"
+
+
+def row_ids_hash_param(split: str) -> str:
+    """The param holding the hash of a split's ordered row ids: runs whose hashes agree were scored on the
+    same rows in the same order, so only they are paired."""
+    return f"row_ids_hash_{split}"
+
+
+def row_ids_hash(ids) -> str:
+    """The hash of an ordered list of row ids, as `row_ids_hash_param` records it."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 def standalone_arm(key: str) -> str:

@@ -41,11 +41,17 @@ def eval_batch_size(cfg: TrialConfig) -> int:
 def predict(model, encoded, tokenizer, cfg: TrialConfig, device: str) -> tuple[list[int], list[int], float]:
     """(predicted class per row, in row order; true class per row; mean loss), under the training autocast:
     a bf16 base with fp32 adapters and head only composes there."""
+    return predict_rows(model, encoded, tokenizer, cfg, device)[:3]
+
+
+def predict_rows(model, encoded, tokenizer, cfg: TrialConfig,
+                 device: str) -> tuple[list[int], list[int], float, list[float]]:
+    """`predict`, and each row's loss (its cross-entropy; a causal LM's per answer token of its true label)."""
     with loop.autocast_for(device, cfg.train.precision):
         if cfg.task.type == "classification":
             return _predict_classification(model, encoded, tokenizer, device, cfg.train.eval_batch_size)
-        return predict_by_likelihood(model, list(encoded), tokenizer, list(cfg.task.labels), device,
-                                     cfg.train.eval_batch_size)
+        return _likelihood_rows(model, list(encoded), tokenizer, list(cfg.task.labels), device,
+                                cfg.train.eval_batch_size)
 
 
 def metrics(cfg: TrialConfig, predictions: list[int], references: list[int], loss: float | None = None) -> dict:
@@ -70,6 +76,21 @@ def evaluate(model, encoded, tokenizer, cfg: TrialConfig, device: str, prefix: s
     return {record.metric_key(prefix, k): v for k, v in metrics(cfg, preds, refs, loss).items()}
 
 
+def evaluate_rows(model, encoded, tokenizer, cfg: TrialConfig, device: str,
+                  prefix: str) -> tuple[dict, pd.DataFrame | None]:
+    """`evaluate`, and from the same predictions one row per encoded row, in split order (the columns of
+    trainers/record.py ROW_SCORE: score, prediction, label, loss): the final passes' per-row record, at no
+    extra forward pass. sft: no rows here (its rows come from its generations: `generation_rows`)."""
+    if cfg.task.type == "sft":
+        return evaluate(model, encoded, tokenizer, cfg, device, prefix), None
+    preds, refs, loss, row_losses = predict_rows(model, encoded, tokenizer, cfg, device)
+    labels = list(cfg.task.labels)
+    rows = pd.DataFrame({record.ROW_SCORE: [float(p == r) for p, r in zip(preds, refs)],
+                         "prediction": [labels[p] for p in preds], "label": [labels[r] for r in refs],
+                         "loss": row_losses})
+    return {record.metric_key(prefix, k): v for k, v in metrics(cfg, preds, refs, loss).items()}, rows
+
+
 def generate_split(model, tokenizer, cfg: TrialConfig, frame: pd.DataFrame, device: str,
                    prefix: str) -> tuple[dict, pd.DataFrame]:
     """sft: greedy generations for the first `task.generation_rows` rows of a split, their metrics
@@ -80,6 +101,59 @@ def generate_split(model, tokenizer, cfg: TrialConfig, frame: pd.DataFrame, devi
     table = pd.DataFrame({"id": range(len(rows)), "prompt": [_shown(p) for p in rows["prompt"]],
                           "reference": list(rows["reference"]), "generation": generated})
     return {record.metric_key(prefix, k): v for k, v in scores.items()}, table
+
+
+def generation_rows(cfg: TrialConfig, table: pd.DataFrame) -> pd.DataFrame:
+    """sft: each generated row's scores, from the table `generate_split` returns (same rows, same order):
+    ROUGE-L and exact match as the metric modules score a row (their means are the logged metrics), sentence
+    chrF and BLEU (sacrebleu's sentence scores: corpus chrF and BLEU are not means over rows), each in [0, 1];
+    `score` is the task metric's column (NaN for loss and perplexity), and the generation and its reference
+    are kept so corpus metrics can be compared by resampling rows."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    generated, references = [str(g) for g in table["generation"]], [str(r) for r in table["reference"]]
+    # as trainers/metric_modules/rouge and exact_match score a row: no stemming, whitespace-normalised equality
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    # the modules' settings; BLEU with effective order, as sacrebleu scores a single sentence
+    chrf, bleu = sacrebleu.CHRF(), sacrebleu.BLEU(effective_order=True)
+    rows = pd.DataFrame({
+        "rougeL": [rouge.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references)],
+        "chrf": [chrf.sentence_score(g, [r]).score / 100 for g, r in zip(generated, references)],
+        "bleu": [bleu.sentence_score(g, [r]).score / 100 for g, r in zip(generated, references)],
+        "exact_match": [float(" ".join(g.split()) == " ".join(r.split())) for g, r in zip(generated, references)],
+        "generation": generated, "reference": references})
+    rows.insert(0, record.ROW_SCORE, rows[cfg.task.metric] if cfg.task.metric in rows else float("nan"))
+    return rows
+
+
+def row_record(cfg: TrialConfig, frame: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """A split's per-row record as a trial logs it: `row_id` (data.row_ids of the split's rows) first, then the
+    row scores: `evaluate_rows`'s frame, or for sft the generations table of `generate_split` (its first
+    `generation_rows` rows), scored by `generation_rows`."""
+    if cfg.task.type == "sft":
+        rows = generation_rows(cfg, rows)
+    elif len(rows) != len(frame):
+        raise ValueError(f"{len(rows)} scored rows for a split of {len(frame)}: row ids would not line up")
+    rows = rows.reset_index(drop=True)
+    rows.insert(0, record.ROW_ID, data.row_ids(frame.head(len(rows)), cfg.task))
+    return rows
+
+
+def write_row_record(rows: pd.DataFrame, path) -> None:
+    """One split's record as {"columns", "data"} JSON (record.ROW_SCORES_DIR): Python's float repr reads back
+    the same double, so the mean of `score` is the logged metric exactly; a missing value is null."""
+    import json
+    import math
+
+    def plain(value):
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars as Python's
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    with open(path, "w") as out:
+        json.dump({"columns": [str(c) for c in rows.columns],
+                   "data": [[plain(v) for v in row] for row in rows.itertuples(index=False, name=None)]},
+                  out, ensure_ascii=False, allow_nan=False)
 
 
 def _shown(prompt) -> str:
@@ -146,27 +220,36 @@ def _predict_classification(model, encoded, tokenizer, device: str, batch_size: 
     loader = torch.utils.data.DataLoader(encoded.select(order), batch_size=batch_size,
                                          collate_fn=data.collate(tokenizer))
     model.eval()
-    sorted_preds, sorted_refs, loss_sum = [], [], 0.0
+    sorted_preds, sorted_refs, sorted_losses, loss_sum = [], [], [], 0.0
     with torch.no_grad():
         for batch in loader:
             labels = batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
             sample_heap()
             loss_sum += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
+            # each row's own too (a [batch, labels] tensor: nothing next to the forward pass); the sum above
+            # stays as it was, so the logged loss does not move by a rounding
+            sorted_losses += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="none").tolist()
             sorted_preds += logits.argmax(-1).tolist()
             sorted_refs += labels.tolist()
-    preds, refs = [0] * len(order), [0] * len(order)
+    preds, refs, row_losses = [0] * len(order), [0] * len(order), [0.0] * len(order)
     for position, row in enumerate(order):
-        preds[row], refs[row] = sorted_preds[position], sorted_refs[position]
+        preds[row], refs[row], row_losses[row] = sorted_preds[position], sorted_refs[position], sorted_losses[position]
     # mean cross-entropy: a continuous signal for schedulers (accuracy on a small validation set ties often)
-    return preds, refs, loss_sum / max(1, len(refs))
+    return preds, refs, loss_sum / max(1, len(refs)), row_losses
 
 
-@torch.no_grad()
 def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str,
                           batch_size: int) -> tuple[list[int], list[int], float]:
     """Causal LM: predict the label whose answer tokens are most likely after the prompt; also the mean
-    loss of the true answers (validation loss; exp of it is the answer perplexity).
+    loss of the true answers (validation loss; exp of it is the answer perplexity)."""
+    return _likelihood_rows(model, rows, tokenizer, labels, device, batch_size)[:3]
+
+
+@torch.no_grad()
+def _likelihood_rows(model, rows, tokenizer, labels: list[str], device: str,
+                     batch_size: int) -> tuple[list[int], list[int], float, list[float]]:
+    """`predict_by_likelihood`, and each row's loss per answer token of its true label.
 
     Sequences are left-padded so every answer ends at the last position, and only the last
     (longest answer + 1) positions get logits: the full [batch x labels, seq, vocab] fp32 logits of a
@@ -175,7 +258,7 @@ def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str
     eos = tokenizer.eos_token or ""
     answers = [tokenizer(" " + lab + eos, add_special_tokens=False)["input_ids"] for lab in labels]
     keep = max(map(len, answers)) + 1
-    preds, refs, true_nll, true_tokens = [], [], 0.0, 0
+    preds, refs, row_losses, true_nll, true_tokens = [], [], [], 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         seqs = [row["input_ids"][: row["prompt_len"]] + ans for row in chunk for ans in answers]
@@ -201,4 +284,6 @@ def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str
             refs.append(row["class_label"])
             true_nll -= per_label[row["class_label"]]
             true_tokens += len(answers[row["class_label"]])
-    return preds, refs, true_nll / max(1, true_tokens)
+            row_losses.append(-per_label[row["class_label"]] / len(answers[row["class_label"]]))
+    # the mean loss weighs rows by their answers' tokens; a row's own loss is per token of its answer
+    return preds, refs, true_nll / max(1, true_tokens), row_losses

@@ -379,3 +379,26 @@ def load_table(client, experiment_id: str, run_ids: list[str], artifact_file: st
         return client.load_table(experiment_id, artifact_file, run_ids=list(run_ids), extra_columns=["run_id"])
     except MlflowException:
         return pd.DataFrame(columns=["id", "prompt", "reference", "generation", "run_id"])
+
+
+def load_row_scores(client, run_id: str, split: str):
+    """One run's per-row scores of `split` (`val` or `test`) as a frame, in split order: `row_id`, `score` and
+    the task type's other columns (trainers/record.py ROW_SCORE). LookupError when the run logged none (a run
+    from before row scores, or one that did not finish); pair runs only where their `row_ids_hash_<split>`
+    params agree."""
+    import json
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    if split not in record.ROW_SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(record.ROW_SPLITS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, record.row_scores_file(split), tmp)
+        except (MlflowException, OSError) as exc:
+            raise LookupError(f"run {run_id} has no {record.row_scores_file(split)}: {str(exc)[:200]}") from None
+        table = json.loads(Path(path).read_text())
+    frame = pd.DataFrame(table["data"], columns=table["columns"])
+    frame[record.ROW_SCORE] = frame[record.ROW_SCORE].astype(float)  # all null (sft loss) reads as objects
+    return frame
