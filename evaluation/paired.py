@@ -313,16 +313,16 @@ def paired_corpus_diff(baseline: Sequence[str], systems: Mapping[str, Sequence[s
     return out
 
 
-def row_matrix(frames: Sequence, column: str = record.ROW_SCORE,
-               row_id: str = record.ROW_ID) -> tuple[list[str], np.ndarray]:
+def row_matrix(frames: Sequence, column: str = record.ROW_SCORE, row_id: str = record.ROW_ID,
+               dtype=float) -> tuple[list[str], np.ndarray]:
     """Per-row frames of one arm's runs (trainers.tracking.load_row_scores), or of several arms, as
     (row ids, [n_frames, n_rows] scores) in the first frame's row order; ValueError unless every frame scored
     the same rows (runs whose row_ids_hash params agree do)."""
     ids = list(frames[0][row_id])
-    out = np.empty((len(frames), len(ids)))
+    out = np.empty((len(frames), len(ids)), dtype=dtype)  # object: a text column (generations, references)
     for i, frame in enumerate(frames):
         by_id = frame.set_index(row_id)[column]
         if len(by_id) != len(ids) or not by_id.index.is_unique or set(by_id.index) != set(ids):
             raise ValueError(f"frame {i} scored other rows than frame 0: pair only runs of the same split")
-        out[i] = by_id.loc[ids].to_numpy(dtype=float)
+        out[i] = by_id.loc[ids].to_numpy(dtype=dtype)
     return ids, out

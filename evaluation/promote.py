@@ -18,7 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.report import arm_table, markdown
+from evaluation import verdicts
+from evaluation.report import arm_table, data_of, markdown, with_verdicts
 from evaluation.runs import sweep_metric, trial_table
 from trainers import record
 from trainers.tracking import find_parent
@@ -39,8 +40,11 @@ class Winner:
 
 
 def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, cost: str = "peak_mem",
-           memory_budget_gb: float | None = None) -> Winner:
-    """Pick the arm by validation metrics (test is for reporting, not picking), then its best seed's run."""
+           memory_budget_gb: float | None = None, decision=None) -> Winner:
+    """Pick the arm by validation metrics (test is for reporting, not picking), then its best seed's run.
+    With `decision` (evaluation/verdicts.py: paired intervals over the validation rows), `best` takes the
+    cheapest arm of the tie set (the arms the best cannot be told from: picking the top point estimate among
+    them picks by noise), and `cheapest_within` needs an arm's interval, not its mean, to clear -within_points."""
     table = arm_table(trials, metric)
     # lower-is-better metrics (a loss) rank the other way; `sign * value` is always higher-better
     best_first, sign = (False, 1) if record.metric_mode(metric) == "max" else (True, -1)
@@ -48,9 +52,29 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
     adapters = table[~table["method"].isin(["full", "base"]) & (table["runs_ok"] > 0)]
     if adapters.empty:
         raise PromotionRefused("no adapter arm finished ok: nothing to promote")
-    if rule == "best":
+    tied = decision.ties.get("val", []) if decision is not None else []
+    against_full = decision.vs_full.get("val", {}) if decision is not None else {}
+    column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
+    if rule == "best" and len(tied) > 1:
+        ties = adapters[adapters["arm"].isin(tied)]
+        arm = ties.sort_values([column, "trainable_params", "val_mean"], ascending=[True, True, best_first]).iloc[0]
+        reason = (f"{len(ties)} arms tie within noise on {decision.split_rows.get('val', 0):,} validation rows "
+                  f"(paired 95 % intervals vs the best, {decision.best['val']}, include 0); picked the cheapest "
+                  f"by {cost}")
+    elif rule == "best":
         arm = adapters.sort_values("val_mean", ascending=best_first).iloc[0]
-        reason = f"{word} mean val {metric} ({arm['val_mean']:.2f})"
+        reason = f"{word} mean val {metric} ({arm['val_mean']:.2f})" + (
+            ", ahead of every other arm beyond noise" if decision is not None and tied else "")
+    elif rule == "cheapest_within" and against_full:
+        # the lower bound (for a loss: the upper) of the paired difference must clear -within_points
+        clear = [a for a, c in against_full.items() if (c.low if sign == 1 else -c.high) > -within_points]
+        close = adapters[adapters["arm"].isin(clear)]
+        if close.empty:
+            raise PromotionRefused(f"no adapter arm's paired 95 % interval vs full FT on validation clears "
+                                   f"-{within_points} pts of val {metric}")
+        arm = close.sort_values([column, "val_mean"], ascending=[True, best_first]).iloc[0]
+        reason = (f"lowest {cost} among adapters whose paired 95 % interval vs full FT on validation stays above "
+                  f"-{within_points} pts")
     elif rule == "cheapest_within":
         full = table[(table["method"] == "full") & (table["runs_ok"] > 0)]
         if full.empty:
@@ -60,7 +84,6 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
         if close.empty:
             raise PromotionRefused(f"no adapter arm is within {within_points} pts of full FT's val {metric} "
                                    f"({full.iloc[0]['val_mean']:.2f})")
-        column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
         arm = close.sort_values([column, "val_mean"], ascending=[True, best_first]).iloc[0]
         reason = f"lowest {cost} among adapters within {within_points} pts of full FT's val {metric}"
     elif rule == "best_under_budget":
@@ -121,13 +144,27 @@ def merge_damage(weights: str, metric: str, logged: float) -> dict:
             "merge_damage_pts": round(record.metric_scale(metric) * (logged - merged), 2)}
 
 
+def verdict_of(decision, arm: str) -> tuple[str, dict]:
+    """The promoted arm's test verdict against full FT as a model-card line and registry tags; nothing when
+    the sweep has no paired comparison (no full-FT arm, no per-row scores)."""
+    c = decision.vs_full.get("test", {}).get(arm) if decision is not None else None
+    if c is None:
+        return "", {}
+    line = (f"- against full fine-tuning (`{c.reference}`) on test: {c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}] "
+            f"(paired 95 % interval over {decision.split_rows.get('test', 0):,} rows, {c.pairing}): "
+            f"**{c.verdict.replace('_', '-')}** at a margin of ±{decision.margin:g}")
+    return line, {"verdict_vs_full_ft": c.verdict, "delta_vs_full_ft_low": round(c.low, 2),
+                  "delta_vs_full_ft_high": round(c.high, 2), "verdict_margin": decision.margin}
+
+
 def model_card(name: str, version_hint: str, winner: Winner, base: dict, sweep: str, table_md: str,
-               metric: str) -> str:
+               metric: str, data: str = "", verdict_line: str = "") -> str:
     run = winner.run
     quant = run["quantization"]
     return "\n".join([
         f"# {name}", "",
         f"Adapter promoted by peftsweep from sweep `{sweep}` ({winner.reason}).", "",
+        *([f"- fitted on {data}"] if data else []),
         f"- arm: `{run['arm']}`, seed {_tag(run['seed'])}, MLflow run `{run['run_id']}`",
         f"- method: {run['method']}, r={_tag(run['r'])}, alpha={_tag(run['alpha'])}, "
         f"modules: {run['target_modules']} → {run['target_modules_resolved']}",
@@ -135,6 +172,7 @@ def model_card(name: str, version_hint: str, winner: Winner, base: dict, sweep: 
         f"- test {metric}: {record.metric_scale(metric) * run[record.metric_key('test', metric)]:.2f}"
         f"{' %' if record.metric_scale(metric) == 100 else ''}, "
         f"{winner.arm['test_delta_pts']:+.2f} pts vs full fine-tuning (arm mean)",
+        *([verdict_line] if verdict_line else []),
         f"- base model: `{base['path']}`" + (f" (gguf `{base['gguf_file']}`)" if base.get("gguf_file") else "")
         + (f", sha256 `{base['sha256']}`" if base.get("sha256") else "")
         + (f", revision `{base['revision']}`" if base.get("revision") else ""), "",
@@ -156,8 +194,10 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     sweep = parent.data.tags.get(record.SWEEP_ID, parent.info.run_name)
     trials = trial_table(client, parent)
     metric = sweep_metric(parent, trials, metric)
+    # paired over the validation and test rows every arm was scored on: ties, bounds and verdicts
+    decision = verdicts.decide(client, trials, metric, promote_cfg.within_points)
     winner = choose(trials, metric, promote_cfg.rule, promote_cfg.within_points, promote_cfg.cost,
-                    promote_cfg.memory_budget_gb)
+                    promote_cfg.memory_budget_gb, decision)
     delta = winner.arm["test_delta_pts"]
     worse = -delta if record.metric_mode(metric) == "max" else delta  # how far behind full FT it is
     if promote_cfg.max_delta is not None and not (worse <= promote_cfg.max_delta):
@@ -165,13 +205,18 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
         raise PromotionRefused(f"winner {winner.arm['arm']} is {why} (max_delta {promote_cfg.max_delta}); "
                                f"alias {promote_cfg.alias!r} unchanged")
     run = winner.run
-    name = promote_cfg.registered_model or f"{parent.data.params.get('task')}-{parent.data.params.get('model')}"
+    # the sweep's own name (sweeps.config.sweep_name), which a sweep over other data than its task's does not
+    # share with the task; a sweep recorded before it was logged: <task>-<model>, as it was named then
+    params = parent.data.params
+    name = promote_cfg.registered_model or params.get("name") or f"{params.get('task')}-{params.get('model')}"
     alias = promote_cfg.alias
     try:
         client.create_registered_model(name, description=f"Adapters promoted by peftsweep from {experiment}")
     except MlflowException:
         pass  # exists already: add a version
-    table_md = markdown(arm_table(trials, metric), trials, metric, sweep)
+    table_md = markdown(with_verdicts(arm_table(trials, metric), decision), trials, metric, sweep,
+                        data=data_of(parent), decision=decision)
+    verdict_line, verdict_tags = verdict_of(decision, run["arm"])
     sft_task = run.get("task_type") == "sft"
     logged = run[record.metric_key("test", metric)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +225,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
         Path(tmp, "dl").mkdir()
         weights = _download(f"{run['artifact_uri']}/{record.ADAPTER_DIR}", tracking_uri, f"{tmp}/dl")
         base = write_base_reference(weights)
-        card = model_card(name, alias, winner, base, sweep, table_md, metric)
+        card = model_card(name, alias, winner, base, sweep, table_md, metric, data_of(parent), verdict_line)
         Path(weights, MODEL_CARD).write_text(card)
         extra = merge_damage(weights, metric, logged) if run["quantization"] not in (None, "none") else {}
         client.log_artifacts(run["run_id"], save_pyfunc(weights, f"{tmp}/{PYFUNC_DIR}", sft_task), PYFUNC_DIR)
@@ -194,6 +239,7 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
             "double_quant": run.get("double_quant"), "compute_dtype": run.get("compute_dtype"),
             "lr": run["lr"], "seed": run["seed"], "sweep_id": sweep, "arm": run["arm"],
             f"test_{metric}": logged, "delta_vs_full_ft_pts": round(float(delta), 2), "selection": winner.reason,
+            **verdict_tags,
             **extra}
     version = client.create_model_version(name, source=f"{run['artifact_uri']}/{PYFUNC_DIR}", run_id=run["run_id"],
                                           tags={k: _tag(v) for k, v in tags.items() if v is not None},

@@ -17,18 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation import plots
-from evaluation.runs import sweep_metric, trial_table
+from evaluation import plots, verdicts
+from evaluation.runs import full_ft_arm, sweep_metric, trial_table
 from trainers import record
 from trainers.tracking import find_parent
 
-# Two-sided 95 % Student t quantiles by degrees of freedom; 1.96 beyond the table.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
 def _t95(dof: int) -> float:
-    return _T95.get(dof) or next((_T95[k] for k in sorted(_T95) if k >= dof), 1.96)
+    """The two-sided 95 % Student t quantile at `dof` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
 
 
 def ci95(values) -> float:
@@ -84,7 +82,7 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     mem = memory_column(trials)
     scale, mode = record.metric_scale(metric), record.metric_mode(metric)
     ok = trials[trials["status"] == "ok"]
-    full_runs = ok[ok["method"] == "full"]
+    full_runs = ok[ok["arm"] == full_ft_arm(trials, metric)]  # one baseline, for means and intervals alike
     rows = []
     for arm, group in trials.groupby("arm", sort=False):
         good = ok[ok["arm"] == arm]
@@ -117,8 +115,8 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
         return table
     # device-hours per run, so arms with different numbers of finished seeds compare fairly
     table["device_hours_per_run"] = table["device_hours"] / table["runs_ok"].where(table["runs_ok"] > 0)
-    full = table[table["method"] == "full"]
-    base = full.iloc[0] if len(full) else None
+    reference = full_ft_arm(trials, metric)
+    base = table[table["arm"] == reference].iloc[0] if reference is not None else None
     untrained = table[table["method"] == "base"]
     nan = float("nan")
     for name in ("test", "val"):
@@ -136,6 +134,14 @@ def arm_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     table = table.drop(columns="order")
     table.attrs["memory_metric"] = mem
     table.attrs["mode"] = mode
+    return table
+
+
+def with_verdicts(table: pd.DataFrame, decision) -> pd.DataFrame:
+    """The arm table with each arm's paired intervals and verdicts (evaluation/verdicts.py) as columns."""
+    per_arm = verdicts.columns(decision)
+    for col in sorted({k for values in per_arm.values() for k in values}):
+        table[col] = [per_arm.get(arm, {}).get(col) for arm in table["arm"]]
     return table
 
 
@@ -166,8 +172,33 @@ def _pm(mean, half) -> str:
     return _fmt(mean) + (f" ± {_fmt(half)}" if half == half else "")
 
 
+def data_of(parent) -> str:
+    """What a sweep was fitted on, as its report and model card say it: the task, and the data file or dataset
+    (which need not be the task's own: a user's chat file through task=bbc_headlines)."""
+    params = parent.data.params
+    task = f"task `{params.get('task')}`"
+    return f"{task}, data `{params['data_source']}` ({params.get('data_format')})" if "data_source" in params else task
+
+
+def _interval(r, split: str, against: str) -> str:
+    """`+0.40 [-1.10, +1.90]`: a paired difference and its 95 % interval, when the sweep has one."""
+    low, high = r.get(f"{split}_{against}_low"), r.get(f"{split}_{against}_high")
+    if low is None or low != low:
+        return "–"
+    return f"{r[f'{split}_{against}_mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _verdict(r, split: str = "test", against: str = "vs_full") -> str:
+    judged = r.get(f"{split}_{against}_verdict")
+    if not isinstance(judged, str):
+        return "–"
+    settle = r.get(f"{split}_{against}_settle")
+    return judged.replace("_", "-") + (f": {settle}" if isinstance(settle, str) else "")
+
+
 def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: str,
-             price_per_hour: float = 0.0, examples: pd.DataFrame | None = None) -> str:
+             price_per_hour: float = 0.0, examples: pd.DataFrame | None = None, data: str | None = None,
+             decision=None) -> str:
     mem = table.attrs.get("memory_metric", "peak memory")
     unit, delta_unit = (" %", "pts") if record.metric_scale(metric) == 100 else ("", "")
     with_base = "base" in set(table["method"])
@@ -183,24 +214,33 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
     note = (f" Memory is `{mem}`: {what}; the part the method controls. `{record.PEAK_HOST_RSS_GB}` beside it is "
             "the whole process's (interpreter and libraries included)." if beside else f" Memory is `{mem}`.")
     better = "higher" if record.metric_mode(metric) == "max" else "lower"
-    lines = [f"## peftsweep report — {sweep_id}", "",
+    paired_ = decision is not None and bool(decision.vs_full.get("test"))
+    opening = [f"**{verdicts.sentence(decision, table)}**", ""] if decision is not None else []
+    lines = [f"## peftsweep report — {sweep_id}", "", *opening, *([f"Fitted on {data}.", ""] if data else []),
              f"Test {metric}{unit or ''} ({better} is better), mean ± 95 % CI over seeds {seeds}; Δ is against the "
-             f"full fine-tuning arm (paired by seed)"
+             + (f"full fine-tuning arm `{decision.full_arm}`, with its 95 % interval paired over the same "
+                f"{decision.split_rows.get('test', 0):,} test rows (and over seeds where several ran), and the "
+                f"verdict against a margin of ±{decision.margin:g} {delta_unit or metric}"
+                if paired_ else "full fine-tuning arm (paired by seed)")
              + ("; vs base is against the untouched base model (no training)" if with_base else "")
              + f".{note} ★ marks the Pareto frontier of {metric} vs memory.", "",
              f"| arm | runs ok | test {metric}{unit} | Δ vs full FT {f'({delta_unit})' if delta_unit else ''} | "
+             + ("verdict vs full FT | " if paired_ else "")
              + (f"vs base {f'({delta_unit})' if delta_unit else ''} | " if with_base else "")
              + f"val {metric}{unit} | " + ("val loss | " if with_loss else "") + f"{mem} | × full | "
              + (f"{record.PEAK_HOST_RSS_GB} | " if beside else "")
              + "train s | × full | setup s | eval s | device-h | × full | cost | trainable % | trainable params | "
              "adapter MB | ★ |",
-             "|" + "---|" * (18 + beside + with_base + with_loss)]
+             "|" + "---|" * (18 + beside + with_base + with_loss + paired_)]
     for _, r in table.iterrows():
         cost = f"{r['device_hours'] * price_per_hour:.2f}" if price_per_hour else "–"
         lines.append("| " + " | ".join([
             r["arm"], f"{r['runs_ok']}/{r['runs']}", _pm(r["test_mean"], r["test_ci95"]),
-            _pm(r["test_delta_pts"], r["test_delta_ci95"]) if r["method"] != "full" else "0 (baseline)",
-            *([_fmt(r["test_vs_base_pts"]) if r["method"] != "base" else "0 (base)"] if with_base else []),
+            (_interval(r, "test", "vs_full") if paired_ else _pm(r["test_delta_pts"], r["test_delta_ci95"]))
+            if r["method"] != "full" else "0 (baseline)",
+            *([_verdict(r) if r["method"] != "full" else "–"] if paired_ else []),
+            *([(_interval(r, "test", "vs_base") if paired_ else _fmt(r["test_vs_base_pts"]))
+               if r["method"] != "base" else "0 (base)"] if with_base else []),
             _pm(r["val_mean"], r["val_ci95"]), *([_fmt(r["val_loss"], 3)] if with_loss else []),
             _fmt(r["peak_mem_gb"]), _fmt(r["peak_mem_gb_ratio"]),
             *([_fmt(r["peak_host_rss_gb"])] if beside else []),
@@ -210,6 +250,8 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
             _fmt(float(r["trainable_params"])), _fmt(r["adapter_mb"]), "★" if r["pareto"] else ""]) + " |")
     if "full" not in set(table["method"]):
         lines += ["", "This sweep has no full fine-tuning arm that finished: deltas and ratios are blank."]
+    if decision is not None:
+        lines += _decision_lines(decision, metric, delta_unit)
     if examples is not None and len(examples):
         lines += _example_lines(examples, table)
     bad = trials[trials["status"] != "ok"]
@@ -224,6 +266,28 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
             lines.append(f"| {r['arm']} | {seed} | {r['status']} | "
                          f"{str(detail).splitlines()[0][:160].replace('|', '/') if detail else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _decision_lines(decision, metric: str, unit: str) -> list[str]:
+    """The validation tie set (what promotion picks among) and why some arms have no interval."""
+    lines = []
+    val = decision.vs_best.get("val", {})
+    if decision.best.get("val"):
+        tied = decision.ties.get("val", [])
+        lines += ["", f"### Which arms the best cannot be told from (validation, {decision.split_rows.get('val', 0):,} "
+                      "rows)", "",
+                  f"Best adapter arm on validation: `{decision.best['val']}`. "
+                  + (f"{len(tied)} arms tie with it within noise (their paired 95 % interval of the difference "
+                     f"includes 0): {', '.join(f'`{a}`' for a in tied)}. Promotion's `best` rule picks the "
+                     "cheapest of them." if len(tied) > 1 else "No other adapter arm ties with it."), "",
+                  f"| arm | Δ vs best on validation ({unit or metric}) | tied |", "|---|---|---|"]
+        for arm, c in sorted(val.items(), key=lambda kv: -kv[1].mean):
+            if arm not in decision.adapters:
+                continue  # full FT and the base arm are references, not candidates
+            lines.append(f"| {arm} | {c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}] | {'yes' if arm in tied else 'no'} |")
+    if decision.notes:
+        lines += ["", "Not compared row by row: " + "; ".join(decision.notes) + "."]
+    return lines
 
 
 EXAMPLES = 3  # fixed validation rows (ids 0..2) shown across every arm
@@ -300,7 +364,10 @@ def html(md: str, images: list[Path], sweep_id: str) -> str:
 
 
 def build_report(client, experiment: str, sweep_id: str | None = None, metric: str = "accuracy",
-                 out_dir: str = "reports", log_to_mlflow: bool = True, price_per_hour: float = 0.0) -> dict:
+                 out_dir: str = "reports", log_to_mlflow: bool = True, price_per_hour: float = 0.0,
+                 margin: float = 1.0) -> dict:
+    """`margin`: how far from full FT still counts as close enough, in points (the metric's own units for a
+    loss); the verdicts read the paired intervals against it."""
     parent = find_parent(client, experiment, sweep_id)
     sweep = parent.data.tags.get(record.SWEEP_ID, parent.info.run_name)
     trials = trial_table(client, parent)
@@ -308,21 +375,28 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
         raise LookupError(f"sweep {sweep} has no trial runs")
     metric = sweep_metric(parent, trials, metric)
     table = arm_table(trials, metric)
+    decision = verdicts.decide(client, trials, metric, margin)
+    table = with_verdicts(table, decision)
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)
     examples = examples_for(client, trials) if trials.get("task_type", pd.Series(dtype=str)).eq("sft").any() else None
-    md = markdown(table, trials, metric, sweep, price_per_hour, examples)
+    md = markdown(table, trials, metric, sweep, price_per_hour, examples, data_of(parent), decision)
     (out / "report.md").write_text(md)
     images = [plots.pareto_png(table, metric, out / "pareto.png")]
     heat = plots.rank_modules_heatmap(table, metric, out / "heatmap_rank_modules.png")
     images += [heat] if heat else []
     (out / "report.html").write_text(html(md, images, sweep))
     payload = {"sweep_id": sweep, "parent_run_id": parent.info.run_id, "metric": metric,
+               "task": parent.data.params.get("task"), "data_source": parent.data.params.get("data_source"),
                "memory_metric": table.attrs.get("memory_metric"), "price_per_hour": price_per_hour,
+               "margin": margin, "answer": verdicts.sentence(decision, table), "full_ft_arm": decision.full_arm,
+               "best_val_arm": decision.best.get("val"), "val_tie_set": decision.ties.get("val", []),
+               "rows_compared": decision.split_rows, "not_compared": decision.notes,
                "arms": json.loads(table.to_json(orient="records")),
                "trials": json.loads(trials.to_json(orient="records"))}
     (out / "report.json").write_text(json.dumps(payload, indent=1))
     if log_to_mlflow:
         client.log_artifacts(parent.info.run_id, str(out), "report")
+        verdicts.log_to_runs(client, trials, decision)
     return {"sweep_id": sweep, "parent_run_id": parent.info.run_id, "dir": str(out), "markdown": md,
-            "table": table, "trials": trials, "json": payload}
+            "table": table, "trials": trials, "json": payload, "decision": decision}

@@ -7,7 +7,9 @@ from trainers import record, tracking
 
 PARAM_COLUMNS = ("method", "r", "alpha", "dropout", "target_modules", "target_modules_resolved", "quantization",
                  "double_quant", "compute_dtype", "lr", "batch_size", "grad_accum", "seed", "model", "model_path",
-                 "task", "train_size", "max_length", "task_type")
+                 "task", "train_size", "max_length", "task_type",
+                 # which rows a run was scored on: only runs that agree are compared row by row
+                 *(record.row_ids_hash_param(split) for split in record.ROW_SPLITS))
 
 
 def trial_table(client, parent) -> pd.DataFrame:
@@ -44,3 +46,17 @@ def sweep_metric(parent, trials: pd.DataFrame, requested: str) -> str:
     ranked = parent.data.params.get("metric", "")
     bare = ranked.split("_", 1)[1] if "_" in ranked else ranked
     return bare if bare and record.metric_key("test", bare) in trials else requested
+
+
+def full_ft_arm(trials: pd.DataFrame, metric: str) -> str | None:
+    """The full fine-tuning arm every other arm is compared with: with several (another learning rate), the
+    best on validation, the one a user would keep; None when none finished. One choice for deltas,
+    intervals, verdicts and promotion alike."""
+    full = trials[(trials["status"] == "ok") & (trials["method"] == "full")]
+    col = record.metric_key("val", metric)
+    if full.empty:
+        return None
+    if col not in full or full[col].isna().all():
+        return full["arm"].iloc[0]
+    means = full.groupby("arm")[col].mean()
+    return means.idxmax() if record.metric_mode(metric) == "max" else means.idxmin()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -25,19 +26,28 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> int:
     return code
 
 
-def _load(overrides):
+def _load(overrides, store: bool = False):
+    """The config; with `store`, also refused (one line, exit 2) when its tracking store cannot be reached or
+    opened now: commands that read or write the store must not start on one that is not there."""
     from sweeps.config import load
 
-    return load(overrides)
+    cfg = load(overrides)
+    if store:
+        from sweeps.runner import check_store
+
+        check_store(cfg)
+    return cfg
 
 
 def _summary(cfg, sweep_id: str) -> str:
-    from evaluation.runs import trial_table
+    from evaluation.runs import sweep_metric, trial_table
     from trainers.tracking import client, find_parent
 
     c = client(cfg.trial.tracking)
-    trials = trial_table(c, find_parent(c, cfg.trial.tracking.experiment, sweep_id))
-    metric = cfg.trial.task.metric
+    parent = find_parent(c, cfg.trial.tracking.experiment, sweep_id)
+    trials = trial_table(c, parent)
+    # the sweep's own metric: `--resume` without the sweep's task=... on the command line still shows it
+    metric = sweep_metric(parent, trials, cfg.trial.task.metric)
     cols = ["arm", "seed", "status", f"val_{metric}", f"test_{metric}", "peak_host_rss_gb", "train_time_s",
             "trainable_params"]
     cols = [c for c in cols if c in trials]
@@ -50,8 +60,9 @@ def cmd_plan(args) -> int:
     cfg = _load(args.overrides)
     plan = build_plan(cfg)
     packing = cfg.cluster.gpus_per_trial == "auto"
-    print(f"{len(plan.trials)} trials, all valid (metric {cfg.metric}, searcher {cfg.searcher.name}, "
-          f"scheduler {cfg.scheduler.name}), in start order; memory is host RSS on CPU, allocated VRAM on CUDA:")
+    print(f"Sweep {cfg.name}: {len(plan.trials)} trials, all valid (metric {cfg.metric}, "
+          f"searcher {cfg.searcher.name}, scheduler {cfg.scheduler.name}), in start order; memory is host RSS "
+          "on CPU, allocated VRAM on CUDA:")
     width = max(44, *(len(t.arm) for t in plan.trials))
     print(f"{'#':>3}  {'arm':{width}s} {'seed':>4} {'modules':>7} {'trainable':>12} {'trainable %':>11} "
           f"{'pred. peak GB':>13}  device" + ("   GPU share (pred. GB on CUDA)" if packing else ""))
@@ -73,7 +84,7 @@ def cmd_trial(args) -> int:
     """One trial from the sweep's config tree (search, scheduler and cluster are ignored), without Ray."""
     from trainers.__main__ import run
 
-    return run(_load(args.overrides).trial, args.json)
+    return run(_load(args.overrides, store=True).trial, args.json)
 
 
 def cmd_sweep(args) -> int:
@@ -94,7 +105,7 @@ def cmd_report(args) -> int:
     from evaluation.report import build_report
     from trainers.tracking import client
 
-    cfg = _load(args.overrides)
+    cfg = _load(args.overrides, store=True)
     out = build_report(client(cfg.trial.tracking), cfg.trial.tracking.experiment, args.sweep,
                        cfg.trial.task.metric, out_dir=args.out, price_per_hour=args.price_per_hour)
     if args.format == "json":  # for scripts: stdout carries the JSON alone
@@ -112,7 +123,7 @@ def cmd_promote(args) -> int:
 
     flags = {"rule": args.rule, "max_delta": args.max_delta, "memory_budget_gb": args.memory_budget_gb,
              "within_points": args.within_points, "cost": args.cost}
-    cfg = _load([*args.overrides, *(f"promote.{k}={v}" for k, v in flags.items() if v is not None)])
+    cfg = _load([*args.overrides, *(f"promote.{k}={v}" for k, v in flags.items() if v is not None)], store=True)
     uri = absolute_uri(cfg.trial.tracking.uri)
     try:
         out = promote(client(cfg.trial.tracking), uri, cfg.trial.tracking.experiment, args.sweep, cfg.promote,
@@ -157,10 +168,46 @@ def ui_links(cfg, base: str) -> dict:
             "report": f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report/report.html"}
 
 
+class _UiStopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_server(server: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """End the MLflow server and everything it started: its process group (it was started in a session of
+    its own) and every descendant found now, in case one left the group. SIGTERM, then SIGKILL for what is
+    left after `grace_s`. Signalling only `mlflow server` itself leaves its uvicorn worker and job runners
+    running, holding the port."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=grace_s if sig == signal.SIGTERM else 5.0)
+        if not procs:
+            break
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def cmd_ui(args) -> int:
     from trainers.tracking import absolute_uri
 
-    cfg = _load(args.overrides)
+    cfg = _load(args.overrides, store=True)
     uri = absolute_uri(cfg.trial.tracking.uri)
     base = f"http://{args.host}:{args.port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
@@ -170,17 +217,35 @@ def cmd_ui(args) -> int:
     if links:
         print(f"Newest sweep {links['sweep']}:\n  compare its trials: {links['compare']}\n"
               f"  report:             {links['report']}\n  runs:               {links['runs']}", flush=True)
-    server = subprocess.Popen(cmd)
-    if args.open and links:
-        import threading
-        import webbrowser
+    stopping: list[int] = []
 
-        threading.Timer(5.0, webbrowser.open, [links["compare"]]).start()  # once the server answers
+    def stop(signum, frame):
+        if not stopping:  # a second signal while the server shuts down must not cut the shutdown short
+            stopping.append(signum)
+            raise _UiStopped(signum)
+
+    # Its own session: a terminal's Ctrl-C reaches the wrapper only, and the server's whole group (uvicorn
+    # worker, job runners) can be ended as one, whichever signal stops the command.
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    server = None
     try:
+        server = subprocess.Popen(cmd, start_new_session=True)
+        if args.open and links:
+            import threading
+            import webbrowser
+
+            threading.Timer(5.0, webbrowser.open, [links["compare"]]).start()  # once the server answers
         return server.wait()
-    except KeyboardInterrupt:
-        server.terminate()
-        return 130
+    except _UiStopped as exc:
+        print(f"\npeftsweep: {exc}: stopping the MLflow server", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    finally:
+        stopping.append(0)
+        if server is not None:
+            _stop_server(server)  # also when the server ended by itself: its workers may not have
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,7 @@ PROMOTION_RULES = ("best", "cheapest_within", "best_under_budget")
 
 @dataclass
 class PromoteConfig:
-    registered_model: Optional[str] = None  # None: "<task>-<model>" read from the sweep's parent run
+    registered_model: Optional[str] = None  # None: the sweep's name (sweep_name), read from its parent run
     alias: str = "champion"
     # best: highest mean validation metric among adapters; cheapest_within: the lowest `cost` among adapters
     # within `within_points` of full FT's validation metric; best_under_budget: the best adapter whose peak
@@ -162,7 +162,64 @@ def sweep_config_from_dict(data: dict) -> SweepConfig:
 def load(overrides: list[str] | None = None) -> SweepConfig:
     cfg = sweep_config_from_dict(compose(overrides))
     cfg.direct_keys = tuple(direct_trial_keys(overrides or []))
+    cfg.name = sweep_name(cfg, _shipped_task(overrides or [], cfg))
     return cfg
+
+
+# Extensions a data file's name sheds to name a sweep (`chats.jsonl` -> chats, `rt.csv.bz2` -> rt).
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv", ".txt", ".gz", ".bz2", ".xz", ".zst",
+                  ".zip")
+
+
+def _source_identity(source) -> tuple:
+    """What makes two data sources the same data (a dict or a DataSource)."""
+    get = source.get if isinstance(source, dict) else lambda key: getattr(source, key)
+    return get("format"), get("path"), get("name")
+
+
+def _shipped_task(overrides: list[str], cfg: SweepConfig) -> tuple[str, tuple]:
+    """(name, source identity) of the task as its config file ships it: the config composed without the
+    command line's edits of task.name and task.source. Composed again only when there are such edits."""
+    def edits_task_identity(item: str) -> bool:
+        key = item.partition("=")[0].lstrip("+~")
+        return key == "task.name" or key == "task.source" or key.startswith("task.source.")
+
+    kept = [item for item in overrides if not edits_task_identity(item)]
+    task = compose(kept)["task"] if len(kept) < len(overrides) else dataclasses.asdict(cfg.trial.task)
+    return task.get("name"), _source_identity(task.get("source") or {})
+
+
+def data_stem(source) -> str:
+    """A data source as a name: its file's or folder's name without extensions, an hf dataset's id (and
+    config name); only letters, digits and `._-`."""
+    path = str(source.path).rstrip("/")
+    if source.format == "hf":
+        stem = path.split("/")[-1] + (f"-{source.name}" if source.name else "")
+    else:
+        stem = Path(path.split("://", 1)[-1]).name
+        while True:
+            base, ext = os.path.splitext(stem)
+            if not (base and ext.lower() in _DATA_SUFFIXES):
+                break
+            stem = base
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-") or "data"
+
+
+def sweep_name(cfg: SweepConfig, shipped: tuple[str, tuple]) -> str:
+    """The sweep's name, defined here once: the prefix of its id, its parent run's `name` param, and the
+    registered model `peftsweep promote` writes (evaluation/promote.py reads it from the parent run).
+
+    A `name=` the user gives wins. Otherwise `<task>-<model>` (conf/config.yaml), except for a sweep over data
+    other than the task's own (task.source set away from what the task's config ships): that sweep is named
+    after its data, `<data stem>-<model>`, so a chat file run through task=bbc_headlines is never registered
+    as, nor replaces, the BBC headlines champion. A task the user renamed (task.name=...) names itself."""
+    task, model = cfg.trial.task, cfg.trial.model
+    if cfg.name != f"{task.name}-{model.name}":  # given by the user (name=...)
+        return cfg.name
+    shipped_name, shipped_source = shipped
+    if task.name == shipped_name and _source_identity(task.source) != shipped_source:
+        return f"{data_stem(task.source)}-{model.name}"
+    return cfg.name
 
 
 def direct_trial_keys(overrides: list[str]) -> list[str]:

@@ -176,6 +176,19 @@ def _direct_conflicts(cfg: SweepConfig) -> list[str]:
     return out
 
 
+def _metric_problems(cfg: SweepConfig, trials) -> list[str]:
+    """The sweep ranks by a result its trials report (trainers.record.TASK_METRICS): any other name would let
+    every trial train to its end and then leave Ray nothing to rank by."""
+    from trainers.record import ranked_metrics
+
+    out = []
+    for task_type in sorted({t.task.type for t in trials}):
+        known = ranked_metrics(task_type)
+        if cfg.metric not in known:
+            out.append(f"search.metric={cfg.metric!r} is not a result {task_type} trials report ({', '.join(known)})")
+    return out
+
+
 def _scheduler_problems(cfg: SweepConfig, trials) -> list[str]:
     trials = list(trials)
     sft = [t for t in trials if t.task.type == "sft"]
@@ -209,7 +222,8 @@ def build_plan(cfg: SweepConfig) -> Plan:
 
     configs = {(label, seed): trial_config_from_dict(space.resolve_trial(base, search, arm, seed, draw))
                for label, arm in zip(labels, arm_overrides) for seed in search.seeds}
-    problems = _direct_conflicts(cfg) + _scheduler_problems(cfg, configs.values())
+    problems = (_direct_conflicts(cfg) + _metric_problems(cfg, configs.values())
+                + _scheduler_problems(cfg, configs.values()))
     for trial in configs.values():
         problems += [p for p in validate_trial(trial) if p not in problems]
     if problems:

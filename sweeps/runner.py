@@ -23,6 +23,16 @@ WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "fal
               "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def check_store(cfg: SweepConfig) -> None:
+    """A tracking store that cannot be reached or opened now is bad input: refused in seconds with one line,
+    before Ray starts (outage tolerance is for a store that was there and went away)."""
+    from trainers.validate import tracking_problem
+
+    problem = tracking_problem(cfg.trial.tracking)
+    if problem:
+        raise ConfigError(problem)
+
+
 def _storage(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
@@ -198,7 +208,11 @@ def _searcher(cfg: SweepConfig):
 
 
 def open_parent_run(cfg: SweepConfig, sweep_id: str, n_trials: int) -> tuple[str, str]:
-    params = {"sweep_id": sweep_id, "model": cfg.trial.model.name, "task": cfg.trial.task.name,
+    source = cfg.trial.task.source
+    # `name` is the registered model's name at promotion (sweeps.config.sweep_name); the data it was fitted on
+    # is named beside the task, whose own data it need not be
+    params = {"sweep_id": sweep_id, "name": cfg.name, "model": cfg.trial.model.name, "task": cfg.trial.task.name,
+              "data_source": source.path, "data_format": source.format,
               "search": cfg.search.name, "searcher": cfg.searcher.name, "scheduler": cfg.scheduler.name,
               "n_trials": n_trials, "seeds": ",".join(map(str, cfg.search.seeds)),
               "metric": cfg.metric, "search_space": json.dumps(cfg.search.space)}
@@ -236,6 +250,7 @@ def run_sweep(cfg: SweepConfig, plan: Plan | None = None) -> dict:
     """Launch the sweep; returns {sweep_id, parent_run_id, experiment_id, n_trials, n_errors}."""
     from ray import tune
 
+    check_store(cfg)
     plan = plan or build_plan(cfg)
     cfg.trial.tracking.uri = absolute_uri(cfg.trial.tracking.uri)
     sweep_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -267,6 +282,7 @@ def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
 
     from sweeps.config import sweep_config_from_dict
 
+    check_store(cfg)
     c = client(cfg.trial.tracking)
     parent_run = tracking.find_parent(c, cfg.trial.tracking.experiment, sweep_id)
     sweep_id = parent_run.data.tags[record.SWEEP_ID]

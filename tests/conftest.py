@@ -84,12 +84,13 @@ def tiny_llama(tmp_path_factory) -> str:
 # The sweep several tests read (report, promotion, serving, the MLflow UI): run once per session through the
 # real CLI, then each test gets a private copy of its finished store, so none of them pays for Ray, the trials
 # and the tracking writes again, and none sees another's promotions.
-TINY_SWEEP = ["search=tiny", "train.max_steps=3", "search.seeds=[0,1]"]
+# 20 steps: enough for the arms to answer differently, so their paired intervals have a width to check
+TINY_SWEEP = ["search=tiny", "train.max_steps=20", "search.seeds=[0,1]"]
 
 
 @pytest.fixture(scope="session")
 def tiny_sweep_once(tiny_bert, tmp_path_factory) -> dict:
-    """`peftsweep sweep search=tiny` (full FT + LoRA r4, r8; seeds 0 and 1; 3 steps) on the tiny BERT, run
+    """`peftsweep sweep search=tiny` (full FT + LoRA r4, r8; seeds 0 and 1; 20 steps) on the tiny BERT, run
     once; read it through `tiny_sweep`, which copies it."""
     out = tmp_path_factory.mktemp("tiny-sweep")
     store = {"uri": f"sqlite:///{out / 'mlflow.db'}", "artifacts": str(out / "mlartifacts"), "dir": out}

@@ -137,6 +137,43 @@ def test_the_reload_check_reproduces_the_metric_promotion_compares(tiny_sweep, c
     assert metric == "test_macro_f1" and float(reproduced) == pytest.approx(logged["test_macro_f1"], abs=1e-6)
 
 
+def test_the_report_answers_with_paired_intervals_and_verdicts_recomputed_from_the_rows(tiny_sweep, capsys):
+    """Each adapter arm's interval against full FT is the paired one over the test rows and both seeds, its
+    verdict is read against the margin, and each child run carries both (the compare page sorts by them)."""
+    import numpy as np
+
+    from evaluation import paired
+    from trainers.tracking import load_row_scores
+
+    store = tiny_sweep
+    assert main(["report", f"tracking.uri={store['uri']}", "--margin", "2", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    c, _, children = _runs(store)
+    full = data["full_ft_arm"]
+    assert full == "full-lr0.0001" and data["margin"] == 2.0 and "adapter arms are within 2 points" in data["answer"]
+    runs = {}
+    for r in children:
+        runs.setdefault(r.data.tags[record.ARM], []).append(r)
+    rows = {arm: [load_row_scores(c, r.info.run_id, "test") for r in sorted(rs, key=lambda r: r.data.params["seed"])]
+            for arm, rs in runs.items()}
+    assert len({r.data.params[record.row_ids_hash_param("test")] for r in children}) == 1  # one set of rows
+    for arm in data["arms"]:
+        if arm["method"] == "full":
+            continue
+        _, a = paired.row_matrix(rows[arm["arm"]])
+        _, b = paired.row_matrix(rows[full])
+        diff = paired.paired_diff_ci(a, b, seeds_a=[0, 1], seeds_b=[0, 1])
+        assert arm["test_vs_full_mean"] == pytest.approx(100 * diff.mean, abs=1e-9)
+        assert arm["test_vs_full_low"] == pytest.approx(100 * diff.low, abs=1e-6)
+        assert arm["test_vs_full_high"] == pytest.approx(100 * diff.high, abs=1e-6)
+        assert arm["test_vs_full_verdict"] == paired.verdict(100 * diff.low, 100 * diff.high, 2.0)
+        assert np.isclose(arm["test_mean"], 100 * a.mean())
+        for r in runs[arm["arm"]]:
+            logged = c.get_run(r.info.run_id).data
+            assert logged.tags["peftsweep.test_vs_full_verdict"] == arm["test_vs_full_verdict"]
+            assert logged.metrics["test_vs_full_low"] == pytest.approx(arm["test_vs_full_low"])
+
+
 TEXTS = ["a warm, funny and beautifully acted film", "tedious, overlong and badly written",
          "the plot goes nowhere", "one of the best movies of the year"]
 

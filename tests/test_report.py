@@ -133,3 +133,43 @@ def test_a_lower_is_better_metric_ranks_the_other_way_and_the_base_arm_gets_its_
     assert choose(trials, "loss").arm["arm"] == "lora-a"  # the lowest validation loss among adapters, never base
     md = markdown(table, trials, "loss", "s")
     assert "lower is better" in md and "vs base" in md and "test loss |" in md
+
+
+def test_the_seed_interval_uses_the_exact_t_quantile_at_every_degree_of_freedom():
+    """12 seeds: 11 degrees of freedom (a table that rounds 11 up to 15 prints a too-narrow interval)."""
+    values = [0.71, 0.74, 0.69, 0.77, 0.72, 0.75, 0.70, 0.73, 0.76, 0.68, 0.74, 0.72]
+    sd = pd.Series(values).std(ddof=1)
+    assert ci95(values) == pytest.approx(stats.t.ppf(0.975, 11) * sd / math.sqrt(12), rel=1e-9)
+
+
+def _decision(ties=(), vs_full_val=None):
+    from evaluation.paired import verdict
+    from evaluation.verdicts import Comparison, Decision
+
+    d = Decision("accuracy", 1.0, split_rows={"val": 500, "test": 2000}, full_arm="full",
+                 adapters=["lora-r16", "lora-r4", "lora-r8"])
+    if ties:
+        d.best["val"], d.ties["val"] = ties[0], list(ties)
+    d.vs_full["val"] = {arm: Comparison(arm, "full", (lo + hi) / 2, lo, hi, verdict(lo, hi, 1.0), "rows")
+                        for arm, (lo, hi) in (vs_full_val or {}).items()}
+    return d
+
+
+def test_best_promotes_the_cheapest_arm_that_ties_with_the_best_within_noise():
+    trials = _trials(FULL, A, B, C)
+    assert choose(trials, "accuracy", "best").arm["arm"] == "lora-r16"  # the top point estimate
+    tied = choose(trials, "accuracy", "best", decision=_decision(ties=("lora-r16", "lora-r4")))
+    assert tied.arm["arm"] == "lora-r4"  # 1.1 GB against r16's 1.2 GB: the cheaper of the two that tie
+    assert "2 arms tie within noise on 500 validation rows" in tied.reason and "cheapest" in tied.reason
+    alone = choose(trials, "accuracy", "best", decision=_decision(ties=("lora-r16",)))
+    assert alone.arm["arm"] == "lora-r16" and "beyond noise" in alone.reason
+
+
+def test_cheapest_within_reads_the_lower_bound_not_the_point_estimate():
+    trials = _trials(FULL, A, B, C)
+    # by point estimates r4 (9 points below full FT's val) is within 10 points; its interval reaches -12
+    intervals = {"lora-r16": (-0.9, 0.1), "lora-r4": (-12.0, -6.0), "lora-r8": (-3.0, 1.0)}
+    pick = choose(trials, "accuracy", "cheapest_within", within_points=10, decision=_decision(vs_full_val=intervals))
+    assert choose(trials, "accuracy", "cheapest_within", within_points=10).arm["arm"] == "lora-r4"
+    # r16 (1.2 GB) and r8 (1.5 GB) clear -10 points at their lower bounds: the cheaper of them
+    assert pick.arm["arm"] == "lora-r16" and "interval" in pick.reason

@@ -46,6 +46,10 @@ def test_a_messages_jsonl_sweep_end_to_end(tiny_llama, store, capsys):
                    "model.name=tiny-llama", f"tracking.artifact_location={store['artifacts']}",
                    "train.max_steps=2", "train.eval_every_steps=1"])
     c, parents, children = _runs(store)
+    # the user's chat file, not the task it borrowed its settings from, names the sweep and (below) the model
+    (parent,) = parents
+    assert parent.info.run_name.startswith("chats-tiny-llama-") and parent.data.params["name"] == "chats-tiny-llama"
+    assert parent.data.params["task"] == "bbc_headlines" and parent.data.params["data_source"] == str(chats)
     arms = {r.data.tags[record.ARM]: r for r in children}
     assert sorted(arms) == ["base", "full-lr5e-05", "lora-lr0.001"]
     for arm, run in arms.items():
@@ -71,14 +75,19 @@ def test_a_messages_jsonl_sweep_end_to_end(tiny_llama, store, capsys):
     assert "test rougeL %" in md and "vs base (pts)" in md and "val loss" in md
     assert md.count("| reference |") == 3  # three fixed examples, each across every arm
     assert "What each arm writes" in md
+    assert f"Fitted on task `bbc_headlines`, data `{chats}` (jsonl)." in md
 
     assert main(["promote", f"tracking.uri={store['uri']}"]) == 0
     out = capsys.readouterr().out
-    version = MlflowClient(store["uri"]).get_model_version_by_alias("bbc_headlines-tiny-llama", "champion")
+    registry = MlflowClient(store["uri"])
+    # never registered as (nor replacing) the shipped task's model
+    assert [m.name for m in registry.search_registered_models()] == ["chats-tiny-llama"]
+    version = registry.get_model_version_by_alias("chats-tiny-llama", "champion")
+    assert f"fitted on task `bbc_headlines`, data `{chats}` (jsonl)" in version.description
     winner = c.get_run(version.run_id)
     assert winner.data.params["method"] == "lora" and "reproduces test rougeL" in out
     assert float(version.tags["reload_check"].split("=")[1]) == pytest.approx(winner.data.metrics["test_rougeL"])
     conversation = [{"role": "system", "content": "You write newspaper headlines."},
                     {"role": "user", "content": "Headline for this article:\nShares in the firm rose 5%."}]
-    _champion_serves_like_direct_inference(store, c, winner, "models:/bbc_headlines-tiny-llama@champion",
+    _champion_serves_like_direct_inference(store, c, winner, "models:/chats-tiny-llama@champion",
                                            "messages", [conversation, conversation[:1] + conversation[1:]])

@@ -58,7 +58,7 @@ def _is_loopback(ip: str) -> bool:
 def test_a_stopped_sweep_leaves_no_run_running_and_resumes(tiny_bert, store, signame, exit_code, repeat):
     # one trial at a time: the first finishes, the second is stopped mid-training
     args = [*tiny_overrides(tiny_bert, store), "search=tiny", "search.full_ft_arm=false",
-            "cluster.max_concurrent_trials=1", "task.train_size=400", "train.epochs=40", "train.max_steps=1500"]
+            "cluster.max_concurrent_trials=1", "task.train_size=400", "train.epochs=40", "train.max_steps=500"]
     driver = subprocess.Popen([str(BIN / "peftsweep"), "sweep", *args], cwd=store["dir"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     db = store["dir"] / "mlflow.db"

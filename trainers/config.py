@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
+from trainers.record import TASK_METRICS
+
 # `base`: the untouched base model, scored without training (the "did fine-tuning help at all" arm).
 METHODS = ("lora", "rslora", "dora", "ia3", "full", "base")
 LORA_FAMILY = ("lora", "rslora", "dora")  # low-rank updates: the methods that read r, alpha and init
@@ -27,7 +29,6 @@ QUANT_MODES = ("none", "int8", "nf4", "fp4")
 TASK_TYPES = ("classification", "causal_lm_sft", "sft")
 SOURCE_FORMATS = ("csv", "text_dirs", "jsonl", "json", "parquet", "hf")
 SFT_FORMATS = ("alpaca", "messages", "prompt_completion")
-GENERATION_METRICS = ("rougeL", "chrf", "bleu", "exact_match")
 MODULE_PRESETS = ("attention_qv", "attention", "mlp", "all_linear")
 
 
@@ -86,8 +87,9 @@ class TaskConfig:
     validation_size: int = 500  # selection set; each eval pass costs ~(validation_size / test_size) of a test pass
     train_size: Optional[int] = 2000  # None = every remaining row; time grows linearly with it
     max_length: int = 64  # tokens; attention cost grows quadratically, activations linearly
-    # The headline metric the report and promotion rank by; loss/perplexity rank lower-better.
-    # sft: rougeL | chrf | bleu | exact_match (on generations) or loss | perplexity (teacher-forced).
+    # The headline metric the report and promotion rank by; loss/perplexity rank lower-better. One the task
+    # type produces (record.TASK_METRICS): classification accuracy | macro_f1 | loss (causal_lm_sft also
+    # perplexity); sft rougeL | chrf | bleu | exact_match (on generations) or loss | perplexity (teacher-forced).
     metric: str = "accuracy"
     prompt_template: str = "Review: {text}\nSentiment:"  # causal_lm_sft only
     # --- sft only (trainers/sft.py) ---
@@ -111,12 +113,13 @@ class TaskConfig:
             raise ConfigError(f"task.train_size must be > 0 or null, got {self.train_size}")
         if self.type != "sft" and len(self.labels) < 2:
             raise ConfigError(f"task.labels needs at least two classes, got {list(self.labels)}")
-        if self.type == "sft":
-            if self.format not in SFT_FORMATS:
-                raise ConfigError(f"task.format={self.format!r} is not one of {', '.join(SFT_FORMATS)}")
-            known = GENERATION_METRICS + ("loss", "perplexity")
-            if self.metric not in known:
-                raise ConfigError(f"task.metric={self.metric!r} is not an sft metric ({', '.join(known)})")
+        if self.type == "sft" and self.format not in SFT_FORMATS:
+            raise ConfigError(f"task.format={self.format!r} is not one of {', '.join(SFT_FORMATS)}")
+        # a metric the task type never produces would surface only after every trial had trained (KeyError)
+        known = TASK_METRICS[self.type]
+        if self.metric not in known:
+            kind = "an sft" if self.type == "sft" else f"a {self.type}"
+            raise ConfigError(f"task.metric={self.metric!r} is not {kind} metric ({', '.join(known)})")
 
 
 @dataclass

@@ -1,0 +1,260 @@
+"""The sweep's answer with its uncertainty: is each adapter arm within a margin of full fine-tuning, and which arms
+does the best one not beat beyond noise?
+
+Every arm is scored on the same validation and test rows (one split seed), so arms are compared row by row
+(evaluation/paired.py): each arm's per-row scores (trainers.tracking.load_row_scores) are lined up by row id,
+over all its finished seeds. Runs scored on other rows (their `row_ids_hash_<split>` differs from the sweep's
+usual one) or without row scores (recorded before they existed) are left out of the comparison, and the note
+says so. A metric that is not a mean over rows (corpus chrF and BLEU) is compared by sacrebleu's paired
+bootstrap; the answers' loss and perplexity have no per-row score, so they get no interval and no verdict.
+
+Differences and bounds are in the report's units: points for a fraction metric (x100), the metric's own for a
+loss. `verdict` reads `paired.verdict` against `margin` in those units.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from evaluation import paired
+from evaluation.runs import full_ft_arm
+from trainers import record
+from trainers.tracking import load_row_scores
+
+ADAPTER_METHODS_EXCLUDED = ("full", "base")  # the reference arms: what the adapters are judged against
+CORPUS_METRICS = ("chrf", "bleu")  # corpus statistics, not means over rows
+
+
+@dataclass
+class Comparison:
+    """arm - reference on one split: mean and interval in report units, the verdict against the margin, and
+    about how many rows (one seed an arm) or seeds an arm (several) would settle an undecided one."""
+    arm: str
+    reference: str
+    mean: float
+    low: float
+    high: float
+    verdict: str
+    pairing: str
+    settle: Optional[str] = None
+
+
+@dataclass
+class Decision:
+    """Everything the report and promotion read: comparisons of every arm against full FT, the base arm and
+    the best adapter arm, on test (what is reported) and validation (what picks), the validation tie set."""
+    metric: str
+    margin: float
+    split_rows: dict = field(default_factory=dict)  # split -> number of rows compared
+    vs_full: dict = field(default_factory=dict)  # split -> {arm: Comparison}
+    vs_base: dict = field(default_factory=dict)
+    vs_best: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # split -> the best adapter arm on that split
+    ties: dict = field(default_factory=dict)  # split -> [arms tied with the best]
+    full_arm: Optional[str] = None
+    adapters: list = field(default_factory=list)  # the adapter arms compared (the tie set is drawn from them)
+    notes: list = field(default_factory=list)
+
+
+def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_SCORE, dtype=float):
+    """({arm: [n_seeds, n_rows] array}, {arm: [seeds]}, row ids, notes) of the runs that finished ok, lined
+    up by row id; only runs whose row-id hash is the sweep's most common one are paired."""
+    ok = trials[trials["status"] == "ok"]
+    hash_col = record.row_ids_hash_param(split)
+    notes = []
+    if hash_col not in ok or ok[hash_col].isna().all():
+        return {}, {}, [], [f"no run of this sweep logged per-row {split} scores (recorded before they existed)"]
+    usual = ok[hash_col].mode().iloc[0]
+    other = ok[ok[hash_col] != usual]
+    if len(other):
+        notes.append(f"{len(other)} run(s) scored other {split} rows (another split or data) and are not paired: "
+                     + ", ".join(sorted(set(other["arm"]))))
+    frames, arms, seeds = [], [], []
+    for _, run in ok[ok[hash_col] == usual].iterrows():
+        try:
+            frames.append(load_row_scores(client, run["run_id"], split))
+        except LookupError as exc:
+            notes.append(str(exc))
+            continue
+        arms.append(run["arm"])
+        seeds.append(int(run["seed"]))
+    if not frames:
+        return {}, {}, [], notes
+    ids, matrix = paired.row_matrix(frames, column, dtype=dtype)
+    by_arm, arm_seeds = {}, {}
+    for i, arm in enumerate(arms):
+        by_arm.setdefault(arm, []).append(matrix[i])
+        arm_seeds.setdefault(arm, []).append(seeds[i])
+    return {a: np.vstack(rows) for a, rows in by_arm.items()}, arm_seeds, ids, notes
+
+
+def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> Optional[str]:
+    """About what would decide an undecided comparison: rows with one seed an arm, else seeds."""
+    n = diff.n_rows if diff.n_seeds == (1, 1) else min(diff.n_seeds)
+    needed = paired.rows_to_decide(diff.se, diff.mean, margin / scale, n, mode=mode)
+    if needed is None:
+        return "no number of rows decides it (the difference sits on the margin)"
+    unit = "rows" if diff.n_seeds == (1, 1) else "seeds an arm"
+    return f"about {needed:,} {unit} (now {n:,})"
+
+
+def _compare(rows: dict, seeds: dict, reference: str, margin: float, mode: str, scale: float) -> dict:
+    out = {}
+    for arm, diff in paired.compare_to(rows, reference, seeds=seeds).items():
+        judged = paired.verdict(diff.low * scale, diff.high * scale, margin, mode)
+        out[arm] = Comparison(arm, reference, diff.mean * scale, diff.low * scale, diff.high * scale, judged,
+                              diff.pairing, _settle(diff, margin, mode, scale) if judged == "undecided" else None)
+    return out
+
+
+def _compare_corpus(client, trials, split: str, reference: str, metric: str, margin: float, mode: str) -> dict:
+    """chrF / BLEU: sacrebleu's paired bootstrap over the generations of the rows both arms answered (the
+    seeds of an arm pooled as one corpus, matched seed by seed with the reference's)."""
+    gens, _, _, _ = arm_rows(client, trials, split, "generation", dtype=object)
+    refs, _, _, _ = arm_rows(client, trials, split, "reference", dtype=object)
+    if reference not in gens:
+        return {}
+    out = {}
+    for arm in gens:
+        if arm == reference:
+            continue
+        k = min(len(gens[arm]), len(gens[reference]))
+        diff = paired.paired_corpus_diff(list(gens[reference][:k].ravel()), {arm: list(gens[arm][:k].ravel())},
+                                         list(refs[reference][:k].ravel()), metric=metric)[arm]
+        out[arm] = Comparison(arm, reference, diff.mean, diff.low, diff.high,
+                              paired.verdict(diff.low, diff.high, margin, mode), "rows (corpus bootstrap)")
+    return out
+
+
+def decide(client, trials: pd.DataFrame, metric: str, margin: float) -> Decision:
+    """Every adapter arm against full FT, the base arm and the best adapter arm, on test and validation."""
+    scale, mode = record.metric_scale(metric), record.metric_mode(metric)
+    decision = Decision(metric, margin)
+    if metric in ("loss", "perplexity"):
+        decision.notes.append(f"{metric} is scored over the encoded split, not per row: no paired interval")
+        return decision
+    methods = trials.groupby("arm")["method"].first()
+    decision.full_arm = full_ft_arm(trials, metric)  # the same baseline as the arm table's deltas
+    for split in ("test", "val"):
+        if metric in CORPUS_METRICS:
+            rows, seeds, ids, notes = arm_rows(client, trials, split, f"{metric}")
+        else:
+            rows, seeds, ids, notes = arm_rows(client, trials, split)
+        decision.notes += [f"{split}: {n}" for n in notes]
+        if not rows:
+            continue
+        decision.split_rows[split] = len(ids)
+        means = {a: float(np.nanmean(r)) for a, r in rows.items()}
+        sign = 1 if mode == "max" else -1
+        adapters = [a for a in rows if methods.get(a) not in ADAPTER_METHODS_EXCLUDED]
+        decision.adapters = sorted(set(decision.adapters) | set(adapters))
+        bases = [a for a in rows if methods.get(a) == "base"]
+        pick = (lambda refs: _compare_corpus(client, trials, split, refs, metric, margin, mode)) \
+            if metric in CORPUS_METRICS else (lambda refs: _compare(rows, seeds, refs, margin, mode, scale))
+        if decision.full_arm in rows:
+            decision.vs_full[split] = pick(decision.full_arm)
+        if bases:
+            decision.vs_base[split] = pick(bases[0])
+        if adapters:
+            best = max(adapters, key=lambda a: sign * means[a])
+            decision.best[split] = best
+            decision.vs_best[split] = pick(best)
+            decision.ties[split] = [best] + [a for a in adapters if a != best and a in decision.vs_best[split]
+                                             and decision.vs_best[split][a].low <= 0 <= decision.vs_best[split][a].high]
+    return decision
+
+
+def sentence(decision: Decision, table: pd.DataFrame) -> str:
+    """The report's opening line: how many adapter arms are within the margin of full FT on test, and the
+    cheapest of them by memory."""
+    unit = "point" if record.metric_scale(decision.metric) == 100 else decision.metric
+    plural = "s" if decision.margin != 1 else ""
+    tests = decision.vs_full.get("test", {})
+    adapters = table[~table["method"].isin(ADAPTER_METHODS_EXCLUDED)]
+    if not tests:
+        why = "no full fine-tuning arm finished" if decision.full_arm is None else "no per-row test scores"
+        return f"No verdict against full fine-tuning: {why}."
+    within = [a for a in adapters["arm"] if a in tests and tests[a].verdict in ("equivalent", "better",
+                                                                                 "non_inferior")]
+    open_ = [a for a in adapters["arm"] if a in tests and tests[a].verdict == "undecided"]
+    head = (f"{len(within)} of {len(adapters)} adapter arms are within {decision.margin:g} {unit}{plural} of full "
+            f"fine-tuning on test (95 % interval clear of -{decision.margin:g})")
+    if within:
+        cheap = adapters[adapters["arm"].isin(within)].sort_values(["peak_mem_gb", "trainable_params"]).iloc[0]
+        ratio = cheap.get("peak_mem_gb_ratio")
+        head += f"; the cheapest of them, {cheap['arm']}, holds {ratio:.2f}x full FT's memory" \
+            if ratio == ratio and ratio is not None else f"; the cheapest of them is {cheap['arm']}"
+    if open_:
+        head += f"; {len(open_)} undecided (more rows or seeds would settle them)"
+    return head + "."
+
+
+def columns(decision: Decision) -> dict[str, dict]:
+    """{arm: {column: value}}: what the arm table, report.json and each child run carry."""
+    out: dict[str, dict] = {}
+    for name, by_split in (("vs_full", decision.vs_full), ("vs_base", decision.vs_base),
+                           ("vs_best", decision.vs_best)):
+        for split, comparisons in by_split.items():
+            for arm, c in comparisons.items():
+                row = out.setdefault(arm, {})
+                row[f"{split}_{name}_low"], row[f"{split}_{name}_high"] = c.low, c.high
+                row[f"{split}_{name}_mean"] = c.mean
+                row[f"{split}_{name}_verdict"] = c.verdict
+                if c.settle:
+                    row[f"{split}_{name}_settle"] = c.settle
+    for split, tied in decision.ties.items():
+        for arm in tied:
+            out.setdefault(arm, {})[f"{split}_tied_with_best"] = True
+    return out
+
+
+def log_to_runs(client, trials: pd.DataFrame, decision: Decision) -> None:
+    """Each child run gets its arm's bounds as metrics and its verdicts as tags: the MLflow compare page then
+    sorts and filters arms by them."""
+    from mlflow.entities import Metric, RunTag
+
+    per_arm, now = columns(decision), int(time.time() * 1000)
+    for _, run in trials[trials["status"] == "ok"].iterrows():
+        values = per_arm.get(run["arm"], {})
+        metrics = {k: float(v) for k, v in values.items() if isinstance(v, float) and v == v}
+        tags = {f"peftsweep.{k}": str(v) for k, v in values.items() if not isinstance(v, float)}
+        if metrics or tags:
+            client.log_batch(run["run_id"], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                             tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+# Per-row spreads assumed before anything ran, the conservative end: accuracy at 50 % has the widest binomial
+# spread; a ROUGE-L row score spreads ~0.2 around its mean on short headlines (0.17-0.24 on BBC headlines with
+# SmolLM2-135M arms here). A sweep's own rows give the real figure once it ran (`rows_to_decide` in the report).
+PRESUMED_ACCURACY = 0.5
+PRESUMED_ROW_SD = {"rougeL": 0.2, "exact_match": 0.5, "chrf": 0.2, "bleu": 0.25}
+
+
+def sizing(task, metric: str, margin: float) -> list[str]:
+    """What `plan` prints before anything is spent: the smallest difference (95 % confidence, 80 % power) the
+    validation and test rows can resolve between two arms, counting them as independent (pairing narrows it
+    by how often the arms err on the same rows), and a warning when that is wider than the margin."""
+    scale = record.metric_scale(metric)
+    if metric in ("loss", "perplexity"):
+        return [f"sizing: {metric} is scored over the whole split, not per row: no row-level interval to size"]
+    sd = (math.sqrt(2 * PRESUMED_ACCURACY * (1 - PRESUMED_ACCURACY)) if metric in ("accuracy", "macro_f1")
+          else math.sqrt(2) * PRESUMED_ROW_SD.get(metric, 0.25))
+    rows = {"validation": task.validation_size,
+            "test": task.test_size}
+    if task.type == "sft":  # generation metrics score only the generated rows
+        rows = {k: min(v, task.generation_rows) for k, v in rows.items()}
+    lines = []
+    for split, n in rows.items():
+        mdd = scale * float(paired.min_detectable_difference(n, sd=sd))
+        needed = math.ceil((float(paired.min_detectable_difference(1, sd=sd)) * scale / margin) ** 2)
+        warn = (f" — wider than the margin ±{margin:g}: about {needed:,} rows would resolve it; more seeds "
+                "(search.racing) narrow the seed part, only rows narrow this" if mdd > margin else "")
+        lines.append(f"sizing: {split} {n:,} rows resolve a difference of {mdd:.1f} "
+                     f"{'points' if scale == 100 else metric} between two arms (95 % confidence, 80 % power, rows "
+                     f"counted as independent; pairing narrows it){warn}")
+    return lines
