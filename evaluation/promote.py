@@ -20,7 +20,7 @@ from pathlib import Path
 
 from evaluation import verdicts
 from evaluation.report import arm_table, data_of, markdown, with_verdicts
-from evaluation.runs import sweep_metric, trial_table
+from evaluation.runs import full_ft_arm, sweep_metric, trial_table
 from trainers import record
 from trainers.tracking import find_parent
 
@@ -76,7 +76,7 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
         reason = (f"lowest {cost} among adapters whose paired 95 % interval vs full FT on validation stays above "
                   f"-{within_points} pts")
     elif rule == "cheapest_within":
-        full = table[(table["method"] == "full") & (table["runs_ok"] > 0)]
+        full = table[table["arm"] == full_ft_arm(trials, metric)]  # the baseline the report compares with
         if full.empty:
             raise PromotionRefused("rule cheapest_within needs a full fine-tuning arm that finished ok")
         bar = sign * full.iloc[0]["val_mean"] - within_points
@@ -184,7 +184,9 @@ def model_card(name: str, version_hint: str, winner: Winner, base: dict, sweep: 
 
 
 def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, promote_cfg,
-            metric: str = "accuracy") -> dict:
+            metric: str = "accuracy", margin: float = 1.0) -> dict:
+    """`margin`: how close to full FT counts as close enough (report.margin); `cheapest_within` uses
+    promote_cfg.within_points instead when it is set."""
     from mlflow.exceptions import MlflowException
 
     from evaluation.serving import save_pyfunc
@@ -195,9 +197,10 @@ def promote(client, tracking_uri: str, experiment: str, sweep_id: str | None, pr
     trials = trial_table(client, parent)
     metric = sweep_metric(parent, trials, metric)
     # paired over the validation and test rows every arm was scored on: ties, bounds and verdicts
-    decision = verdicts.decide(client, trials, metric, promote_cfg.within_points)
-    winner = choose(trials, metric, promote_cfg.rule, promote_cfg.within_points, promote_cfg.cost,
-                    promote_cfg.memory_budget_gb, decision)
+    within = promote_cfg.within_points if promote_cfg.within_points is not None else margin
+    decision = verdicts.decide(client, trials, metric, within)
+    winner = choose(trials, metric, promote_cfg.rule, within, promote_cfg.cost, promote_cfg.memory_budget_gb,
+                    decision)
     delta = winner.arm["test_delta_pts"]
     worse = -delta if record.metric_mode(metric) == "max" else delta  # how far behind full FT it is
     if promote_cfg.max_delta is not None and not (worse <= promote_cfg.max_delta):

@@ -77,6 +77,10 @@ def cmd_plan(args) -> int:
         per_gpu = max(1, int(1 / max(shares) + 1e-9))
         print(f"\nPacking: GPU shares sum to {sum(shares):.2f}; at least {per_gpu} of the largest trials fit one GPU "
               f"({cfg.cluster.gpu_memory_gb or 'local'} GB x {cfg.cluster.gpu_headroom} headroom).")
+    from evaluation.verdicts import sizing
+
+    # before anything is spent: can these rows tell arms apart at the margin the verdicts will use?
+    print("\n" + "\n".join(sizing(cfg.trial.task, cfg.trial.task.metric, cfg.report.margin)))
     return 0
 
 
@@ -105,9 +109,11 @@ def cmd_report(args) -> int:
     from evaluation.report import build_report
     from trainers.tracking import client
 
-    cfg = _load(args.overrides, store=True)
+    cfg = _load([*args.overrides, *([f"report.margin={args.margin}"] if args.margin is not None else [])],
+                store=True)
     out = build_report(client(cfg.trial.tracking), cfg.trial.tracking.experiment, args.sweep,
-                       cfg.trial.task.metric, out_dir=args.out, price_per_hour=args.price_per_hour)
+                       cfg.trial.task.metric, out_dir=args.out, price_per_hour=args.price_per_hour,
+                       margin=cfg.report.margin)
     if args.format == "json":  # for scripts: stdout carries the JSON alone
         print(json.dumps(out["json"], indent=1))
         return 0
@@ -127,7 +133,7 @@ def cmd_promote(args) -> int:
     uri = absolute_uri(cfg.trial.tracking.uri)
     try:
         out = promote(client(cfg.trial.tracking), uri, cfg.trial.tracking.experiment, args.sweep, cfg.promote,
-                      cfg.trial.task.metric)
+                      cfg.trial.task.metric, margin=cfg.report.margin)
     except PromotionRefused as exc:
         return _fail(f"promotion refused: {exc}", 1)
     print(f"Promoted {out['arm']} (run {out['run_id']}) as {out['name']} version {out['version']}, "
@@ -265,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports", help="output folder")
     p.add_argument("--price-per-hour", type=float, default=0.0,
                    help="price of one device-hour (GPU or CPU slot) for the cost column")
+    p.add_argument("--margin", type=float, help="how close to full FT counts as close enough (points; "
+                   "the metric's units for a loss): the verdicts' margin (default report.margin)")
     p.add_argument("--format", choices=["markdown", "json"], default="markdown",
                    help="what to print (files of every format are written either way)")
     p.set_defaults(fn=cmd_report)

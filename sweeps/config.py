@@ -105,7 +105,7 @@ class PromoteConfig:
     # memory fits `memory_budget_gb`.
     rule: str = "best"
     max_delta: Optional[float] = None  # gate: refuse when the winner's test metric trails full FT by more points
-    within_points: float = 1.0  # cheapest_within: allowed distance below full FT (validation, points)
+    within_points: Optional[float] = None  # cheapest_within: allowed distance below full FT; None: report.margin
     cost: str = "peak_mem"  # cheapest_within: peak_mem | device_hours
     memory_budget_gb: Optional[float] = None  # best_under_budget: the arm's mean peak memory must fit this
     tolerance_points: float = 0.5  # reload check: reproduced metric must match the logged one this closely
@@ -120,6 +120,18 @@ class PromoteConfig:
 
 
 @dataclass
+class ReportConfig:
+    # How close to full FT counts as close enough, in points (x100) for accuracy-like metrics and the metric's
+    # own units for a loss: verdicts, promotion ties and seed racing read the paired intervals against it. A
+    # narrower margin needs more rows (or seeds) before any arm can be called equivalent.
+    margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.margin > 0:
+            raise ConfigError(f"report.margin must be > 0, got {self.margin}")
+
+
+@dataclass
 class SweepConfig:
     trial: TrialConfig
     search: SearchConfig
@@ -127,6 +139,7 @@ class SweepConfig:
     scheduler: SchedulerConfig
     cluster: ClusterConfig
     promote: PromoteConfig
+    report: ReportConfig = field(default_factory=ReportConfig)
     name: str = "sweep"
     # Dotted trial keys the user set on the command line (`method.r=16`): the plan refuses one that the
     # search space also sets, since the space would silently win.
@@ -144,7 +157,7 @@ class SweepConfig:
 
 
 _SECTIONS = {"search": SearchConfig, "searcher": SearcherConfig, "scheduler": SchedulerConfig,
-             "cluster": ClusterConfig, "promote": PromoteConfig}
+             "cluster": ClusterConfig, "promote": PromoteConfig, "report": ReportConfig}
 
 
 def sweep_config_from_dict(data: dict) -> SweepConfig:

@@ -16,7 +16,7 @@ NEEDS = {("model", "hub"): ["model.path=org/some-model"], ("cluster", "remote"):
 
 def test_every_group_is_known():
     assert set(GROUPS) == {"model", "task", "train", "method", "quant", "search", "searcher", "scheduler",
-                           "cluster", "tracking", "promote"}
+                           "cluster", "tracking", "promote", "report"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
