@@ -134,7 +134,7 @@ def test_the_reload_check_reproduces_the_metric_promotion_compares(tiny_sweep, c
     version = c.get_model_version_by_alias("rotten_tomatoes-tiny-bert", "champion")
     logged = c.get_run(version.run_id).data.metrics
     metric, reproduced = version.tags["reload_check"].split("=")
-    assert metric == "test_macro_f1" and float(reproduced) == pytest.approx(logged["test_macro_f1"], abs=1e-6)
+    assert metric == "test_macro_f1" and float(reproduced) == pytest.approx(logged["test_macro_f1"], abs=1e-4)
 
 
 def test_the_report_answers_with_paired_intervals_and_verdicts_recomputed_from_the_rows(tiny_sweep, capsys):
