@@ -61,9 +61,13 @@ class Decision:
     notes: list = field(default_factory=list)
 
 
-def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_SCORE, dtype=float):
+def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_SCORE, dtype=float,
+             loaded: Optional[dict] = None):
     """({arm: [n_seeds, n_rows] array}, {arm: [seeds]}, row ids, notes) of the runs that finished ok, lined
-    up by row id; only runs whose row-id hash is the sweep's most common one are paired."""
+    up by row id; only runs whose row-id hash is the sweep's most common one are paired. `loaded`: frames
+    already read, by (run id, split), filled as it reads (one download a run and split however many columns
+    and references are compared)."""
+    loaded = {} if loaded is None else loaded
     ok = trials[trials["status"] == "ok"]
     hash_col = record.row_ids_hash_param(split)
     notes = []
@@ -77,7 +81,10 @@ def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_
     frames, arms, seeds = [], [], []
     for _, run in ok[ok[hash_col] == usual].iterrows():
         try:
-            frames.append(load_row_scores(client, run["run_id"], split))
+            key = (run["run_id"], split)
+            if key not in loaded:
+                loaded[key] = load_row_scores(client, run["run_id"], split)
+            frames.append(loaded[key])
         except LookupError as exc:
             notes.append(str(exc))
             continue
@@ -112,11 +119,12 @@ def _compare(rows: dict, seeds: dict, reference: str, margin: float, mode: str, 
     return out
 
 
-def _compare_corpus(client, trials, split: str, reference: str, metric: str, margin: float, mode: str) -> dict:
+def _compare_corpus(client, trials, split: str, reference: str, metric: str, margin: float, mode: str,
+                    loaded: dict) -> dict:
     """chrF / BLEU: sacrebleu's paired bootstrap over the generations of the rows both arms answered (the
     seeds of an arm pooled as one corpus, matched seed by seed with the reference's)."""
-    gens, _, _, _ = arm_rows(client, trials, split, "generation", dtype=object)
-    refs, _, _, _ = arm_rows(client, trials, split, "reference", dtype=object)
+    gens, _, _, _ = arm_rows(client, trials, split, "generation", dtype=object, loaded=loaded)
+    refs, _, _, _ = arm_rows(client, trials, split, "reference", dtype=object, loaded=loaded)
     if reference not in gens:
         return {}
     out = {}
@@ -140,11 +148,11 @@ def decide(client, trials: pd.DataFrame, metric: str, margin: float) -> Decision
         return decision
     methods = trials.groupby("arm")["method"].first()
     decision.full_arm = full_ft_arm(trials, metric)  # the same baseline as the arm table's deltas
+    loaded: dict = {}
     for split in ("test", "val"):
-        if metric in CORPUS_METRICS:
-            rows, seeds, ids, notes = arm_rows(client, trials, split, f"{metric}")
-        else:
-            rows, seeds, ids, notes = arm_rows(client, trials, split)
+        # corpus metrics: their sentence-level scores rank the arms; the comparisons are corpus-level
+        column = metric if metric in CORPUS_METRICS else record.ROW_SCORE
+        rows, seeds, ids, notes = arm_rows(client, trials, split, column, loaded=loaded)
         decision.notes += [f"{split}: {n}" for n in notes]
         if not rows:
             continue
@@ -154,7 +162,7 @@ def decide(client, trials: pd.DataFrame, metric: str, margin: float) -> Decision
         adapters = [a for a in rows if methods.get(a) not in ADAPTER_METHODS_EXCLUDED]
         decision.adapters = sorted(set(decision.adapters) | set(adapters))
         bases = [a for a in rows if methods.get(a) == "base"]
-        pick = (lambda refs: _compare_corpus(client, trials, split, refs, metric, margin, mode)) \
+        pick = (lambda refs: _compare_corpus(client, trials, split, refs, metric, margin, mode, loaded)) \
             if metric in CORPUS_METRICS else (lambda refs: _compare(rows, seeds, refs, margin, mode, scale))
         if decision.full_arm in rows:
             decision.vs_full[split] = pick(decision.full_arm)
