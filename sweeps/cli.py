@@ -77,6 +77,10 @@ def cmd_plan(args) -> int:
         per_gpu = max(1, int(1 / max(shares) + 1e-9))
         print(f"\nPacking: GPU shares sum to {sum(shares):.2f}; at least {per_gpu} of the largest trials fit one GPU "
               f"({cfg.cluster.gpu_memory_gb or 'local'} GB x {cfg.cluster.gpu_headroom} headroom).")
+    if cfg.search.racing:
+        print(f"\nSeed racing: every arm's first seed, then more only for arms still undecided, up to "
+              f"search.max_seeds={cfg.search.max_seeds}: at most {len(plan.arms) * cfg.search.max_seeds} trials "
+              f"({len(plan.arms)} arms x {cfg.search.max_seeds}).")
     from evaluation.verdicts import sizing
 
     # before anything is spent: can these rows tell arms apart at the margin the verdicts will use?

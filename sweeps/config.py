@@ -34,10 +34,22 @@ class SearchConfig:
     mode: Optional[str] = None  # default: min for a loss or perplexity, else max (trainers.record.metric_mode)
     # Also score the untouched base model (no training): did fine-tuning help at all? Costs one evaluation.
     base_arm: bool = False
+    # Seed racing (sweeps/racing.py): the first seed of every arm, then further seeds only for arms whose
+    # verdict against full FT (or tie with the best arm) is still open. Rounds run one after another, so the
+    # sweep waits at each round's slowest trial; it saves every seed a decided arm would have spent.
+    racing: bool = False
+    # racing: the most seeds an arm gets (search.seeds, then the next integers). The worst case, every arm
+    # open to the end, costs arms x max_seeds trials: what the grid over that many seeds would.
+    max_seeds: int = 3
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ConfigError("search.seeds is empty: give at least one seed")
+        if self.max_seeds < 1:
+            raise ConfigError(f"search.max_seeds must be >= 1, got {self.max_seeds}")
+        if self.racing and len(self.seeds) > self.max_seeds:
+            raise ConfigError(f"search.seeds lists {len(self.seeds)} seeds, more than search.max_seeds="
+                              f"{self.max_seeds} lets racing use: raise search.max_seeds or shorten search.seeds")
         if self.num_samples < 1:
             raise ConfigError(f"search.num_samples must be >= 1, got {self.num_samples}")
         if self.mode is not None and self.mode not in ("max", "min"):
@@ -158,6 +170,32 @@ class SweepConfig:
 
 _SECTIONS = {"search": SearchConfig, "searcher": SearcherConfig, "scheduler": SchedulerConfig,
              "cluster": ClusterConfig, "promote": PromoteConfig, "report": ReportConfig}
+
+
+def racing_problem(cfg: SweepConfig) -> Optional[str]:
+    """Racing adds seeds to fixed arms, so every trial must be one of the plan's arms at one seed: a searcher
+    that proposes its own configurations, a domain each trial draws anew, or repeated samples have no arm a
+    second seed could be added to. One line naming the first such setting, or None. Asked by the plan, once
+    the space itself is known to be well formed (sweeps/space.py `check`)."""
+    from sweeps.space import SAMPLED, flatten
+
+    search = cfg.search
+    if not search.racing:
+        return None
+    head = "search.racing=true adds seeds to the plan's fixed arms"
+    if cfg.searcher.name == "optuna":
+        return f"{head}, but searcher=optuna proposes its own configurations: set search.racing=false or searcher=grid"
+    sampled = [d.key for d in flatten(search.space) if d.kind in SAMPLED]
+    if sampled:
+        return (f"{head}, but search.space.{sampled[0]} is sampled (each trial draws its own value): make it a grid "
+                "([...]) or set search.racing=false")
+    if search.num_samples != 1:
+        return f"{head}, each once: search.num_samples={search.num_samples} would repeat them; set it to 1"
+    if cfg.trial.task.metric in ("loss", "perplexity"):
+        # an arm is open while its paired interval over rows is; a loss is one number per split, no interval
+        return (f"{head} while their paired intervals are open, and task.metric={cfg.trial.task.metric} has no "
+                "per-row score to build one from: set search.racing=false or rank by a per-row metric")
+    return None
 
 
 def sweep_config_from_dict(data: dict) -> SweepConfig:

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from sweeps import space
-from sweeps.config import SweepConfig, trial_dict
+from sweeps.config import SweepConfig, racing_problem, trial_dict
 from trainers.config import ConfigError, TrialConfig, trial_config_from_dict
 
 # Label order: the method first, then what users sweep most, then anything else that varies (sorted).
@@ -213,7 +213,10 @@ def build_plan(cfg: SweepConfig) -> Plan:
     dims = space.flatten(search.space)
     sampled = tuple(d.key for d in dims if d.kind in space.SAMPLED)
     draw = space.representatives(dims)
-    arm_overrides = space.arms(search, base)
+    arm_overrides = space.arms(search, base)  # refuses a malformed space first
+    racing = racing_problem(cfg)
+    if racing:
+        raise ConfigError(racing)
     first = [space.resolve_trial(base, search, arm, search.seeds[0], draw) for arm in arm_overrides]
     keys = label_keys([t for t, arm in zip(first, arm_overrides) if arm["__arm__"] != "base"], sampled)
     labels = _unique(["base" if arm["__arm__"] == "base" else

@@ -199,12 +199,31 @@ def _scheduler(cfg: SweepConfig):
     return None  # FIFO
 
 
-def _searcher(cfg: SweepConfig):
+def _searcher(cfg: SweepConfig, plan: Plan, parent: str):
+    if cfg.search.racing:  # arms and seeds come from the race (sweeps/racing.py); it reads the parent's runs
+        from sweeps.racing import racer
+
+        return racer(cfg, plan, parent)
     if cfg.searcher.name == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=cfg.search.seeds[0])
     return None  # BasicVariantGenerator: grid dims crossed, sampled dims drawn per grid point
+
+
+def _param_space(cfg: SweepConfig, plan: Plan) -> dict:
+    # racing: the searcher hands out every trial's arm and seed, and nothing is sampled (sweeps.config
+    # racing_problem), so Ray's own space is empty; a restore must pass the same as the first run
+    return {} if cfg.search.racing else space.param_space(cfg.search, cfg.searcher.name, list(plan.ray_ids))
+
+
+def _planned_trials(cfg: SweepConfig, plan: Plan) -> int:
+    """The trials the sweep runs, or under racing the most it can (every arm at max_seeds)."""
+    if cfg.search.racing:
+        from sweeps.racing import worst_case
+
+        return worst_case(cfg, plan)
+    return len(plan.trials)
 
 
 def open_parent_run(cfg: SweepConfig, sweep_id: str, n_trials: int) -> tuple[str, str]:
@@ -215,7 +234,8 @@ def open_parent_run(cfg: SweepConfig, sweep_id: str, n_trials: int) -> tuple[str
               "data_source": source.path, "data_format": source.format,
               "search": cfg.search.name, "searcher": cfg.searcher.name, "scheduler": cfg.scheduler.name,
               "n_trials": n_trials, "seeds": ",".join(map(str, cfg.search.seeds)),
-              "metric": cfg.metric, "search_space": json.dumps(cfg.search.space)}
+              "metric": cfg.metric, "search_space": json.dumps(cfg.search.space),
+              "racing": cfg.search.racing, "max_seeds": cfg.search.max_seeds}
     return tracking.open_sweep_run(cfg.trial.tracking, sweep_id, params, yaml.safe_dump(as_dict(cfg), sort_keys=False))
 
 
@@ -254,25 +274,38 @@ def run_sweep(cfg: SweepConfig, plan: Plan | None = None) -> dict:
     plan = plan or build_plan(cfg)
     cfg.trial.tracking.uri = absolute_uri(cfg.trial.tracking.uri)
     sweep_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_id, parent = open_parent_run(cfg, sweep_id, len(plan.trials))
+    exp_id, parent = open_parent_run(cfg, sweep_id, _planned_trials(cfg, plan))
     cfg.trial.tracking.parent_run_id, cfg.trial.tracking.sweep_id = parent, sweep_id
     plan.bind_tracking(cfg.trial.tracking)
-    print(f"Sweep {sweep_id}: {len(plan.trials)} trials. Arms (Ray's table shows the id):\n{plan.legend()}", flush=True)
+    count = (f"seed racing, {len(plan.arms)} trials first, at most {_planned_trials(cfg, plan)}" if cfg.search.racing
+             else f"{len(plan.trials)} trials")
+    print(f"Sweep {sweep_id}: {count}. Arms (Ray's table shows the id):\n{plan.legend()}", flush=True)
 
     def make_tuner():
         return tune.Tuner(
             _trainable(cfg, plan),
-            param_space=space.param_space(cfg.search, cfg.searcher.name, list(plan.ray_ids)),
+            param_space=_param_space(cfg, plan),
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode, scheduler=_scheduler(cfg),
-                search_alg=_searcher(cfg), num_samples=cfg.search.num_samples,
+                # racing: Tune asks the racer for trials until it says FINISHED, at most the worst case
+                search_alg=_searcher(cfg, plan, parent),
+                num_samples=_planned_trials(cfg, plan) if cfg.search.racing else cfg.search.num_samples,
                 max_concurrent_trials=cfg.cluster.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=_storage(cfg.cluster.storage_path),
                 failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures, fail_fast=False),
                 verbose=1, callbacks=[_prune_recorder(cfg)]))
 
-    return _drive(cfg, sweep_id, exp_id, parent, make_tuner)
+    return _drive(cfg, sweep_id, exp_id, parent, make_tuner, _racing_spent(cfg, plan, parent))
+
+
+def _racing_spent(cfg: SweepConfig, plan: Plan, parent: str):
+    """After fit: the trials a race ran against its worst case, on the parent run (None without racing)."""
+    if not cfg.search.racing:
+        return None
+    from sweeps.racing import log_spent
+
+    return lambda grid: log_spent(client(cfg.trial.tracking), parent, len(grid), _planned_trials(cfg, plan))
 
 
 def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
@@ -297,27 +330,32 @@ def resume_sweep(cfg: SweepConfig, sweep_id: str | None) -> dict:
     tracking.close_orphans(c, exp_id, parent_run.info.run_id, "sweep driver died while this trial ran; "
                                                               "restarted by peftsweep sweep --resume")
     tracking.write_status(c, parent_run.info.run_id, "running")
+    # a racing sweep's SeedRacer comes back inside the restored Tuner (Tune pickled it into tuner.pkl), its
+    # race where Tune's last experiment snapshot left it (its save/restore): queued seeds, running trials, rounds
     return _drive(cfg, sweep_id, exp_id, parent_run.info.run_id, lambda: tune.Tuner.restore(
         path, trainable=_trainable(cfg, plan, skip_finished=True), resume_unfinished=True, resume_errored=False,
-        restart_errored=False, param_space=space.param_space(cfg.search, cfg.searcher.name, list(plan.ray_ids))))
+        restart_errored=False, param_space=_param_space(cfg, plan)),
+        _racing_spent(cfg, plan, parent_run.info.run_id))
 
 
-def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner) -> dict:
+def _drive(cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str, make_tuner, after_fit=None) -> dict:
     """Run the tuner; whatever happens (a signal included), stop Ray, then close the trial runs it left open
     and record the parent's outcome: no run is left RUNNING."""
     stop = _StopOnSignals()
     with stop:
-        return _drive_under(stop, cfg, sweep_id, exp_id, parent, make_tuner)
+        return _drive_under(stop, cfg, sweep_id, exp_id, parent, make_tuner, after_fit)
 
 
 def _drive_under(stop: "_StopOnSignals", cfg: SweepConfig, sweep_id: str, exp_id: str, parent: str,
-                 make_tuner) -> dict:
+                 make_tuner, after_fit=None) -> dict:
     outcome, error, reason = "FAILED", None, "trial process ended without recording an outcome"
     try:
         stop.before = _own_processes()
         _init_ray(cfg)
         stop.install()
         grid = make_tuner().fit()
+        if after_fit is not None:
+            after_fit(grid)
         errors = sum(1 for r in grid if r.error)
         outcome = "FINISHED"
         return {"sweep_id": sweep_id, "parent_run_id": parent, "experiment_id": exp_id,
