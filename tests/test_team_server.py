@@ -318,8 +318,10 @@ def test_a_sweep_without_credentials_fails_and_writes_nothing(tiny_bert, store, 
     proc = subprocess.run([str(BIN / "peftsweep"), "sweep", *_sweep_overrides(tiny_bert, srv),
                            "tracking.experiment=no-credentials"], capture_output=True, text=True,
                           cwd=store["dir"], env=env, timeout=300)
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "error code 401" in proc.stderr, proc.stderr[-3000:]
+    # bad input before anything starts: exit 2, one line naming the store and what to set
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "HTTP 401" in proc.stderr and "MLFLOW_TRACKING_USERNAME" in proc.stderr, \
+        proc.stderr[-3000:]
     # refused before Ray was started: no trial trained for nothing
     assert not (Path(store["dir"]) / "ray_results").exists()
     assert _query(srv["backend_uri"], "select count(*) from runs")[0][0] == runs_before

@@ -32,7 +32,13 @@ def _trial(tiny_bert, store, *overrides) -> subprocess.Popen:
                              "model.name=tiny-bert", f"tracking.uri={store['uri']}",
                              f"tracking.artifact_location={store['artifacts']}", *SMALL_DATA, *overrides],
                             cwd=store["dir"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """A command typed at a terminal gets SIGINT's default action; one spawned under a shell's `&` (a suite
+    run in the background) inherits SIGINT ignored, and Python then installs no Ctrl-C handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _only_run(store):
