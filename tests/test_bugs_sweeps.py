@@ -240,7 +240,10 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """Whether the next server could listen there: with SO_REUSEADDR, as uvicorn binds, so connections the
+    stopped server left in TIME_WAIT (60 s) do not count; a process still listening does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
