@@ -59,7 +59,8 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
         ties = adapters[adapters["arm"].isin(tied)]
         arm = ties.sort_values([column, "trainable_params", "val_mean"], ascending=[True, True, best_first]).iloc[0]
         reason = (f"{len(ties)} arms tie within noise on {decision.split_rows.get('val', 0):,} validation rows "
-                  f"(paired 95 % intervals vs the best, {decision.best['val']}, include 0); picked the cheapest "
+                  f"(paired 95 % intervals vs the best, {decision.best['val']}, include 0; none trails it by more "
+                  f"than the margin, {decision.margin:g}); picked the cheapest "
                   f"by {cost}")
     elif rule == "best":
         arm = adapters.sort_values("val_mean", ascending=best_first).iloc[0]

@@ -278,8 +278,9 @@ def _decision_lines(decision, metric: str, unit: str) -> list[str]:
                       "rows)", "",
                   f"Best adapter arm on validation: `{decision.best['val']}`. "
                   + (f"{len(tied)} arms tie with it within noise (their paired 95 % interval of the difference "
-                     f"includes 0): {', '.join(f'`{a}`' for a in tied)}. Promotion's `best` rule picks the "
-                     "cheapest of them." if len(tied) > 1 else "No other adapter arm ties with it."), "",
+                     f"includes 0, and they trail it by at most the margin, {decision.margin:g}): "
+                     f"{', '.join(f'`{a}`' for a in tied)}. Promotion's `best` rule picks the cheapest of them."
+                     if len(tied) > 1 else "No other adapter arm ties with it."), "",
                   f"| arm | Δ vs best on validation ({unit or metric}) | tied |", "|---|---|---|"]
         for arm, c in sorted(val.items(), key=lambda kv: -kv[1].mean):
             if arm not in decision.adapters:

@@ -173,3 +173,18 @@ def test_cheapest_within_reads_the_lower_bound_not_the_point_estimate():
     assert choose(trials, "accuracy", "cheapest_within", within_points=10).arm["arm"] == "lora-r4"
     # r16 (1.2 GB) and r8 (1.5 GB) clear -10 points at their lower bounds: the cheaper of them
     assert pick.arm["arm"] == "lora-r16" and "interval" in pick.reason
+
+
+def test_a_tie_needs_an_interval_holding_zero_and_a_gap_within_the_margin():
+    from evaluation.verdicts import Comparison, tied_with_best
+
+    def c(mean, low, high):
+        return Comparison("x", "best", mean, low, high, "", "rows")
+
+    vs_best = {"close": c(-0.6, -3.4, 2.2), "edge": c(-1.0, -3.4, 1.4), "behind": c(-2.8, -5.8, 0.2),
+               "apart": c(-0.5, -0.9, -0.1), "full": c(0.1, -1.0, 1.2)}
+    # `behind` cannot be told from the best either, but trails it by 2.8 points: not a tie at a 1-point margin
+    assert tied_with_best("best", vs_best, ["best", "close", "edge", "behind", "apart"], 1.0) == \
+        ["best", "close", "edge"]
+    assert tied_with_best("best", vs_best, ["best", "close", "edge", "behind"], 3.0) == \
+        ["best", "close", "edge", "behind"]
