@@ -1,7 +1,9 @@
 """`peftsweep report`: every arm of a sweep against its full fine-tuning arm, from MLflow alone.
 
-Per arm (runs sharing a configuration, over seeds): mean and 95 % CI of the task metric and of its delta
-to full FT in points (paired by seed when both arms ran the same seeds), peak memory, train time,
+It opens with the answer (evaluation/verdicts.py): each adapter arm's difference from full FT with its 95 %
+interval paired over the same test rows (and seeds), and its verdict against `report.margin`; the validation
+tie set promotion picks from. Per arm (runs sharing a configuration, over seeds): mean and 95 % CI of the
+task metric over seeds (the delta's seed-only interval where no row scores exist), peak memory, train time,
 device-hours and cost with their ratios to full FT, trainable %, adapter MB; the Pareto frontier of metric
 vs peak memory, vs train time and vs trainable parameters, and a rank × modules heat map. Written as
 Markdown, self-contained HTML, PNG and JSON and logged to the sweep's parent run under `report/`.
