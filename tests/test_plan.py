@@ -83,7 +83,8 @@ def test_a_run_logs_only_the_method_keys_its_method_reads():
     from trainers.config import METHOD_KEYS, trial_config_from_dict
     from trainers.trial import trial_params
 
-    base = build_plan(load(["search=tiny"])).trial_dict(build_plan(load(["search=tiny"])).order[0], 0)
+    plan = build_plan(load(["search=tiny"]))
+    base = plan.trial_dict(plan.order[0], 0)
     for name, reads in METHOD_KEYS.items():
         cfg = trial_config_from_dict({**base, "method": {**base["method"], "name": name}})
         logged = {k for k in ("r", "alpha", "dropout", "init_lora_weights") if trial_params(cfg)[k] is not None}
