@@ -92,9 +92,13 @@ class ClusterConfig:
     storage_path: str = "ray_results"  # must be shared storage (s3://, NFS) on a multi-node cluster
     object_store_memory_mb: Optional[int] = 256  # trials pass no big objects; Ray's default takes 30 % of RAM
     include_dashboard: Optional[bool] = None
-    # Ray retries a trial whose process died or raised, up to this many times (preemptible nodes: 2-3).
-    # Each retry is a new MLflow child run; the failed attempt stays recorded.
+    # Ray retries a trial whose process died or raised, up to this many times (preemptible nodes: 2-3). With
+    # train.checkpoint_every_steps a retry continues from its last checkpoint in the same MLflow run; without,
+    # each retry is a new child run and the failed attempt stays recorded.
     max_failures: int = 0
+    # train.workers=auto plans up to this many workers per trial (null: local Ray's GPUs, or on CPU its
+    # cores / cpus_per_trial); a trial spans workers only on a GPU node pool or several CPU cores
+    max_workers_per_trial: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.cpus_per_trial <= 0:

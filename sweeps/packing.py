@@ -38,6 +38,60 @@ def trial_gpu_request(trial: dict, cluster) -> tuple[float, float]:
     return gpu_fraction(predicted, gpu_capacity_gb(cluster), cluster.gpu_headroom), predicted
 
 
+def uses_gpus(cluster) -> bool:
+    return cluster.gpus_per_trial == "auto" or bool(cluster.gpus_per_trial)
+
+
+def workers_available(cluster) -> int:
+    """Workers one trial may span: cluster.max_workers_per_trial, else local Ray's GPUs (or this machine's),
+    or on CPU its cores over cpus_per_trial."""
+    if cluster.max_workers_per_trial:
+        return cluster.max_workers_per_trial
+    if uses_gpus(cluster):
+        import torch
+
+        return cluster.num_gpus or torch.cuda.device_count() or 1
+    import os
+
+    return max(1, int((cluster.num_cpus or os.cpu_count() or 1) // cluster.cpus_per_trial))
+
+
+def worker_capacity_gb(cluster, workers: int) -> float:
+    """Memory one worker may plan to: a GPU's (with headroom), or on CPU its share of this machine's."""
+    if uses_gpus(cluster):
+        return gpu_capacity_gb(cluster) * cluster.gpu_headroom
+    return host_memory_mb() / 1024 / workers
+
+
+def per_worker_gb(cfg, cluster, workers: int) -> float:
+    """Predicted peak of one worker of `workers`, on the device the trials use (CUDA adds its context)."""
+    import dataclasses
+
+    from trainers.estimate import predict_trial
+
+    if uses_gpus(cluster):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cuda"))
+        return predict_trial(cfg, validate_device=False, workers=workers)["predicted_gb"] + CUDA_CONTEXT_GB
+    return predict_trial(cfg, workers=workers)["predicted_gb"]
+
+
+def choose_workers(cfg, cluster) -> tuple[int, str | None]:
+    """train.workers=auto: (the fewest workers whose predicted per-worker peak fits one device, None), or
+    (0, why not) when every available count is too few, naming the count that would fit. A count must divide
+    train.batch_size (each worker computes an equal slice of every micro-batch)."""
+    available = workers_available(cluster)
+    counts = [n for n in range(1, cfg.train.batch_size + 1) if cfg.train.batch_size % n == 0]
+    fits = next((n for n in counts if per_worker_gb(cfg, cluster, n) <= worker_capacity_gb(cluster, n)), None)
+    if fits is not None and fits <= available:
+        return fits, None
+    need = (f"{fits} workers would fit" if fits else
+            f"no worker count dividing train.batch_size={cfg.train.batch_size} fits")
+    n = max(c for c in counts if c <= available)
+    return 0, (f"predicted {per_worker_gb(cfg, cluster, n):.1f} GB per worker on {n} workers, more than the "
+               f"{worker_capacity_gb(cluster, n):.1f} GB each can hold; {need} "
+               f"(cluster.max_workers_per_trial={available}), or lower train.batch_size")
+
+
 HOST_MEMORY_RESOURCE = "host_memory_mb"  # a custom Ray resource of the local node (Ray wants whole numbers)
 
 
@@ -55,9 +109,23 @@ def host_memory_mb() -> int:
     return int(0.85 * total / 1024 ** 2)
 
 
+# A trial on several workers: its Tune process only waits on Ray Train, whose workers reserve the CPUs and GPUs
+# (gang-scheduled); it asks for no CPU, so waiting drivers never hold cores (Ray wants some resource: a byte).
+DRIVER_ONLY = {"cpu": 0, "memory": 1}
+
+
 def resources_fn(cluster, plan):
     """Per-trial Ray resources: fixed, or the plan's GPU share when gpus_per_trial is auto (a trial with
-    sampled keys, whose memory the plan could not know, is sized when Ray draws it)."""
+    sampled keys, whose memory the plan could not know, is sized when Ray draws it); a multi-worker trial's
+    Tune process only DRIVER_ONLY."""
+    inner = _resources_fn(cluster, plan)
+    if all(t.workers == 1 for t in plan.trials):
+        return inner
+    return lambda config: DRIVER_ONLY if plan.workers(config["arm"]) > 1 else (
+        inner(config) if callable(inner) else inner)
+
+
+def _resources_fn(cluster, plan):
     if cluster.gpus_per_trial != "auto":
         fixed = {"cpu": cluster.cpus_per_trial, "gpu": cluster.gpus_per_trial}
         if cluster.gpus_per_trial or cluster.address:  # a cluster's nodes declare no host-memory resource

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from sweeps import space
 from sweeps.config import SweepConfig, racing_problem, trial_dict
 from trainers.config import ConfigError, TrialConfig, trial_config_from_dict
+from trainers.record import EXECUTION_KEYS
 
 # Label order: the method first, then what users sweep most, then anything else that varies (sorted).
 _LEAD = ("model.name", "task.name", "method.r", "method.alpha", "method.target_modules", "quant.mode",
@@ -27,7 +28,8 @@ _LEAD = ("model.name", "task.name", "method.r", "method.alpha", "method.target_m
 _FORMAT = {"method.r": "r{}", "method.alpha": "a{}", "method.target_modules": "{}", "quant.mode": "{}",
            "train.lr": "lr{}", "train.batch_size": "bs{}", "model.name": "{}", "task.name": "{}",
            "quant.double_quant": "dq={}"}
-_NOT_IDENTITY = ("train.seed",)  # repeats of one arm differ only here
+# repeats of one arm differ only in the seed; where and how a trial runs (workers, checkpoints) is not the arm
+_NOT_IDENTITY = ("train.seed", *(f"{section}.{key}" for section, keys in EXECUTION_KEYS.items() for key in keys))
 
 
 @dataclass
@@ -43,6 +45,8 @@ class PlannedTrial:
     train_flops: float
     gpu_share: float | None = None  # cluster.gpus_per_trial=auto: the fraction of a GPU Ray reserves
     predicted_gpu_gb: float | None = None
+    workers: int = 1  # processes the trial spans (train.workers, auto resolved); memory figures are per worker
+    strategy: str = "single"  # single | ddp | fsdp
 
 
 @dataclass
@@ -97,6 +101,9 @@ class Plan:
     def predicted_host_gb(self, arm: str) -> float:
         """The arm's predicted peak host RSS (CPU trials reserve it); its first seed's, as every seed's."""
         return next(t.predicted_gb for t in self.trials if t.arm == self.label(arm))
+
+    def workers(self, arm: str) -> int:
+        return next((t.workers for t in self.trials if t.arm == self.label(arm)), 1)
 
     def gpu_share(self, arm: str) -> float | None:
         return next((t.gpu_share for t in self.trials if t.arm == self.label(arm)), None)
@@ -229,6 +236,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
                 + _scheduler_problems(cfg, configs.values()))
     for trial in configs.values():
         problems += [p for p in validate_trial(trial) if p not in problems]
+    problems += _resolve_workers(cfg, labels, arm_overrides, configs)
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -245,7 +253,8 @@ def build_plan(cfg: SweepConfig) -> Plan:
             trials.append(PlannedTrial(arm=label, seed=seed, config=configs[(label, seed)], targets=row["targets"],
                                        trainable=row["trainable"], total=row["total"],
                                        predicted_gb=row["predicted_gb"], device=row["device"], train_flops=flops,
-                                       gpu_share=share, predicted_gpu_gb=gpu_gb))
+                                       gpu_share=share, predicted_gpu_gb=gpu_gb, workers=row["workers"],
+                                       strategy=row["strategy"]))
     problems = [_no_fit(t, cfg) for t in trials if t.gpu_share is not None and t.gpu_share > 1 and t.seed == search.seeds[0]]
     if problems:
         raise ConfigError("\n".join(problems))
@@ -257,6 +266,32 @@ def build_plan(cfg: SweepConfig) -> Plan:
     by_label = dict(zip(labels, arm_overrides))
     return Plan(base=base, search=search, arms={label: by_label[label] for label in order}, grid_order=labels,
                 label_keys=keys, sampled=sampled, trials=trials)
+
+
+def _resolve_workers(cfg: SweepConfig, labels: list, arm_overrides: list, configs: dict) -> list[str]:
+    """train.workers=auto becomes the fewest workers whose predicted per-worker peak fits one device, written
+    into the arm's overrides (every trial of the arm, resumed ones included, resolves the same), or a problem."""
+    from sweeps.packing import choose_workers
+
+    from sweeps.packing import workers_available
+
+    problems = []
+    for label, arm in zip(labels, arm_overrides):
+        asked = configs[(label, cfg.search.seeds[0])].train.workers
+        if asked != "auto":
+            if asked > workers_available(cfg.cluster):
+                problems.append(f"{label}: train.workers={asked}, but a trial can span at most "
+                                f"{workers_available(cfg.cluster)} (cluster.max_workers_per_trial)")
+            continue
+        workers, why = choose_workers(configs[(label, cfg.search.seeds[0])], cfg.cluster)
+        if why:
+            problems.append(f"{label}: {why}")
+            continue
+        arm["train.workers"] = workers
+        for seed in cfg.search.seeds:
+            c = configs[(label, seed)]
+            configs[(label, seed)] = dataclasses.replace(c, train=dataclasses.replace(c.train, workers=workers))
+    return problems
 
 
 def _no_fit(t: PlannedTrial, cfg: SweepConfig) -> str:

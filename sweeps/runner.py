@@ -262,7 +262,7 @@ def _trainable(cfg: SweepConfig, plan: Plan, skip_finished: bool = False):
 
     return tune.with_resources(
         tune.with_parameters(ray_trial, plan=plan, cpus=cfg.cluster.cpus_per_trial, skip_finished=skip_finished,
-                             metric=cfg.metric),
+                             metric=cfg.metric, cluster=cfg.cluster, storage=_storage(cfg.cluster.storage_path)),
         resources_fn(cfg.cluster, plan))
 
 
@@ -294,6 +294,8 @@ def run_sweep(cfg: SweepConfig, plan: Plan | None = None) -> dict:
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=_storage(cfg.cluster.storage_path),
                 failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures, fail_fast=False),
+                # trial checkpoints (train.checkpoint_every_steps): the newest K of each trial are kept
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.trial.train.keep_checkpoints),
                 verbose=1, callbacks=[_prune_recorder(cfg)]))
 
     return _drive(cfg, sweep_id, exp_id, parent, make_tuner, _racing_spent(cfg, plan, parent))

@@ -221,8 +221,35 @@ class TrainConfig:
     # ~2x cheaper masks, LoRA steps ~1.15x faster at 2 threads (~1x at 1). A seed still reproduces a run, but
     # the masks are not torch's: false gives torch's own.
     fast_cpu_dropout: bool = True
+    # Worker processes for this trial (each a device): 1 trains in the trial's own process; N > 1 splits every
+    # micro-batch across N workers (a sweep starts them with Ray Train); "auto" (sweeps): the fewest whose
+    # predicted per-worker peak fits the device. The batch is the trial's either way: the same steps.
+    workers: Any = 1
+    # N > 1 only. ddp: a full replica per worker; fsdp: weights, gradients and AdamW states sharded N ways (one
+    # block gathered at a time); auto: fsdp for full fine-tuning, ddp for adapters (trainers/distributed.py).
+    strategy: str = "auto"
+    # Save trainable weights, optimizer, LR schedule, RNG and data position at every this-many steps (on an
+    # evaluation pass, so a multiple of eval_every_steps): a restarted trial continues from the last one. Costs
+    # a write of the trainable weights x3 (AdamW's two moments) each time; null: no checkpoints.
+    checkpoint_every_steps: Optional[int] = None
+    keep_checkpoints: int = 2  # the newest K kept in cluster.storage_path; older ones are deleted
 
     def __post_init__(self) -> None:
+        if not (self.workers == "auto" or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
+                                           and self.workers >= 1)):
+            raise ConfigError(f"train.workers must be an integer >= 1 or 'auto', got {self.workers!r}")
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"train.strategy={self.strategy!r} is not auto, ddp or fsdp")
+        if self.checkpoint_every_steps is not None:
+            if self.checkpoint_every_steps <= 0:
+                raise ConfigError(f"train.checkpoint_every_steps must be > 0, got {self.checkpoint_every_steps}")
+            if not self.eval_every_steps or self.checkpoint_every_steps % self.eval_every_steps:
+                raise ConfigError(f"train.checkpoint_every_steps={self.checkpoint_every_steps} must be a multiple "
+                                  f"of train.eval_every_steps={self.eval_every_steps}: a checkpoint is saved with "
+                                  "an evaluation's report, which is what a scheduler resumes from")
+        if isinstance(self.workers, int) and self.workers > 1 and self.batch_size % self.workers:
+            raise ConfigError(f"train.batch_size={self.batch_size} does not split evenly over "
+                              f"train.workers={self.workers}: each worker computes batch_size / workers rows")
         if self.inject_fault is not None and not re.fullmatch(r"(raise|oom|kill)@\d+(:bs>\d+)?", str(self.inject_fault)):
             raise ConfigError(f"train.inject_fault={self.inject_fault!r} is not raise@<step>, oom@<step> "
                               "or kill@<step>")

@@ -12,6 +12,9 @@ peak ≈ runtime + weights + max(activations + gradients, gradients + optimizer 
                keeps 5 bytes × heads × seq²); causal LMs add batch × seq × vocab logits with their fp32
                upcast and gradient; each LoRA-adapted layer keeps its dropped-out input; DoRA also
                materialises W + BA for the weight norm of every adapted layer.
+  workers:     per worker of N (trainers/distributed.py): each computes batch / N rows, so activations / N;
+               DDP keeps a full replica plus its gradient buckets (another gradients' worth); FSDP full shard
+               divides weights, gradients and AdamW states by N and adds the one block it gathers at a time.
   runtime:     on CPU the process baseline (Python, torch, transformers, peft, datasets, tokenizer, data);
                on CUDA 0: max_memory_allocated excludes the context (~0.5 GB, added by sweeps/packing.py).
 The CPU constants are fitted by bench/memory_estimate.py against measured peak RSS of the shipped sweeps
@@ -54,7 +57,8 @@ class MemoryEstimate:
 def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, batch: int, seq: int,
              quant: str, adapter: bool, device: str, frozen_bytes: float = 4.0, vocab: int = 0,
              fused_attention: bool = True, checkpointing: bool = False, adapted_inputs: int = 0,
-             dora_weights: int = 0, training: bool = True) -> MemoryEstimate:
+             dora_weights: int = 0, training: bool = True, workers: int = 1,
+             strategy: str = "single") -> MemoryEstimate:
     """`frozen_bytes`: storage of an unquantized frozen weight (4 fp32, 2 bf16); `vocab` > 0 for a causal LM
     (logits); `fused_attention`: SDPA/flash, no seq² matrix kept; `checkpointing`: only each layer's input is
     kept, one layer's activations at a time; `adapted_inputs`: summed input features of LoRA-adapted layers;
@@ -80,9 +84,16 @@ def estimate(trainable: int, total: int, hidden: int, layers: int, heads: int, b
     acts += tokens * adapted_inputs * LORA_INPUT_BYTES[kind] + dora_weights * dora_bytes
     if not training:
         acts = 2 * tokens * layers * hidden * (4 if kind == "cpu" else 2)  # keys and values, every layer
-    return MemoryEstimate(weights_gb=weights / GB, gradients_gb=trainable * 4 / GB,
-                          optimizer_gb=trainable * ADAMW_BYTES / GB, activations_gb=acts / GB,
-                          runtime_gb=RUNTIME_CUDA_GB if kind == "cuda" else RUNTIME_CPU_GB)
+    grads, optim = trainable * 4, trainable * ADAMW_BYTES
+    if workers > 1:
+        acts /= workers
+        if strategy == "fsdp":
+            weights = weights / workers + weights / max(1, layers)  # a shard, plus the block being gathered
+            grads, optim = grads / workers, optim / workers
+        else:
+            grads *= 2  # DDP's gradient buckets beside the gradients
+    return MemoryEstimate(weights_gb=weights / GB, gradients_gb=grads / GB, optimizer_gb=optim / GB,
+                          activations_gb=acts / GB, runtime_gb=RUNTIME_CUDA_GB if kind == "cuda" else RUNTIME_CPU_GB)
 
 
 def sequence_length(cfg) -> int:
@@ -92,9 +103,12 @@ def sequence_length(cfg) -> int:
     return cfg.task.max_length + extra[cfg.task.type]
 
 
-def predict_trial(cfg, validate_device: bool = True) -> dict:
+def predict_trial(cfg, validate_device: bool = True, workers: int | None = None) -> dict:
     """Plan row for one trial: resolved modules, trainable/total params as peft counts them (on a meta-device
-    copy: no weights), and the predicted peak memory on the device it would run on."""
+    copy: no weights), and the predicted peak memory of one worker on the device it would run on.
+    `workers`: instead of train.workers (the plan tries counts for train.workers=auto)."""
+    from trainers.distributed import choose_strategy
+
     import torch
 
     from trainers.device import pick_device
@@ -102,6 +116,8 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
     from trainers.model import base_dtype, cached_meta_model, shape_of
 
     device = pick_device(cfg.train.device) if validate_device else cfg.train.device
+    n = workers or (cfg.train.workers if isinstance(cfg.train.workers, int) else 1)
+    strategy = choose_strategy(cfg.train.strategy, not cfg.method.is_adapter) if n > 1 else "single"
     model, targets, config = _wrapped_meta(cfg)
     trainable, total = parameter_counts(model)
     hidden, layers, heads = shape_of(config)
@@ -117,9 +133,9 @@ def predict_trial(cfg, validate_device: bool = True) -> dict:
                    fused_attention=attention != "eager", checkpointing=cfg.train.gradient_checkpointing,
                    adapted_inputs=sum(_in_features(modules[n]) for n in targets) if lora_family else 0,
                    dora_weights=sum(modules[n].weight.numel() for n in targets) if cfg.method.name == "dora" else 0,
-                   training=cfg.method.trains)
+                   training=cfg.method.trains, workers=n, strategy=strategy)
     return {"targets": len(targets), "trainable": trainable, "total": total, "predicted_gb": est.total_gb,
-            "estimate": est, "device": device}
+            "estimate": est, "device": device, "workers": n, "strategy": strategy}
 
 
 def _wrapped_meta(cfg):

@@ -25,10 +25,19 @@ def _to(batch: dict, device: str) -> dict:
 
 
 def train(model, loader, train_cfg: TrainConfig, device: str,
-          on_eval: Optional[Callable[[int, float], None]] = None,
-          fault_hook: Optional[Callable[[int], None]] = None) -> dict:
-    """Train for `total_steps` optimizer steps; call `on_eval(step, mean_loss)` every eval_every_steps.
-    Returns loss and timing figures; tokens counts non-padding tokens seen."""
+          on_eval: Optional[Callable[[int, float, Optional[Callable[[str], None]]], None]] = None,
+          fault_hook: Optional[Callable[[int], None]] = None, resume: Optional[str] = None,
+          trainer_state: Optional[dict] = None) -> dict:
+    """Train for `total_steps` optimizer steps; call `on_eval(step, mean_loss, save_state)` every
+    eval_every_steps, where `save_state(folder)` writes a checkpoint (trainers/checkpoint.py) at every
+    checkpoint_every_steps and is None otherwise. `resume`: a checkpoint folder to continue from (weights,
+    optimizer, schedule, RNG and data position restored: the run ends where an uninterrupted one ends).
+    `trainer_state`: extra entries a checkpoint carries (the MLflow run id). Returns loss and timing figures;
+    tokens counts non-padding tokens seen."""
+    from trainers import checkpoint
+    from trainers.distributed import world
+
+    rank = world()[0]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     steps = total_steps(len(loader), train_cfg)
@@ -42,11 +51,26 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
 
     model.train()
     step, tokens, sequences, losses, window = 0, 0, 0, [], []
+    epoch, skip, resumed_from = 0, 0, None
+    if resume:
+        state, rng = checkpoint.load(resume, model, optimizer, rank)
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, skip, losses = state["step"], state["epoch"], state["micro"], list(state["losses"])
+        tokens, sequences, resumed_from = state["tokens"], state["sequences"], state["step"]
     check_grads = True  # at the first step and after every evaluation pass
-    started = time.perf_counter()
+    started, tokens_before = time.perf_counter(), tokens
+    for _ in range(epoch):  # the loader's seeded order, replayed: each epoch reshuffles from the last
+        for _ in loader:
+            pass
     while step < steps:
         num_micro = len(loader)
         for micro, batch in enumerate(loader):
+            if skip:  # micro-batches of this epoch the checkpoint's steps already took (collated, not computed)
+                skip -= 1
+                if not skip:
+                    checkpoint.set_rng_state(rng)  # dropout masks from here on as the first run drew them
+                continue
             # the micro-batches this one's step sums: grad_accum, or what is left at the epoch's end (its
             # gradients and losses are not carried into the next epoch's first step)
             in_step = min(train_cfg.grad_accum, num_micro - micro // train_cfg.grad_accum * train_cfg.grad_accum)
@@ -75,15 +99,27 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
             step += 1
             losses.extend(window)
             if on_eval and train_cfg.eval_every_steps and step % train_cfg.eval_every_steps == 0 and step < steps:
-                on_eval(step, sum(window) / len(window))
+                save_state = None
+                if train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0:
+                    at = {"step": step, "epoch": epoch, "micro": micro + 1, "losses": losses, "tokens": tokens,
+                          "sequences": sequences, "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                          **(trainer_state or {})}
+                    rng = checkpoint.rng_state()  # before evaluation draws from it: what step + 1 trains with
+
+                    def save_state(folder: str, at=at, rng=rng) -> None:
+                        checkpoint.save(folder, model, optimizer, at, rng, rank)
+                on_eval(step, sum(window) / len(window), save_state)
                 model.train()
                 check_grads = True
             window = []
             if step >= steps:
                 break
+        epoch += 1
     elapsed = time.perf_counter() - started
     return {"train_loss": sum(losses) / max(1, len(losses)), "steps": step, "tokens": tokens,
-            "sequences": sequences, "train_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "resumed_from_step": resumed_from,
+            "sequences": sequences, "train_time_s": elapsed,
+            "tokens_per_s": (tokens - tokens_before) / elapsed if elapsed > 0 else 0.0,
             "precision": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
 
 

@@ -17,6 +17,7 @@ RAY_TRIAL_ID = "peftsweep.ray_trial_id"
 CUDA_VISIBLE_DEVICES = "peftsweep.cuda_visible_devices"
 GPU_SHARE = "peftsweep.gpu_share"
 TRIAL_KEY = "peftsweep.trial_key"  # hash of the resolved trial config: finds a finished twin on --resume
+RESUMED_FROM_STEP = "peftsweep.resumed_from_step"  # the checkpoint's step a restarted trial continued from
 OOM_RETRY = "peftsweep.oom_retry"  # n-th retry after out-of-memory (half micro-batch, double accumulation)
 VERSION_TAG_PREFIX = "peftsweep.version."  # + library name
 PARENT_RUN_ID = "mlflow.parentRunId"
@@ -55,6 +56,9 @@ MFU = "mfu"  # fraction of the device's dense peak (CUDA only)
 PEAK_VRAM_NVML_GB = "vram_nvml_gb"  # the process's GPU memory as the driver sees it (allocator + CUDA context)
 TRAIN_LOSS = "train_loss"
 STEP = "step"
+WORKERS = "workers"  # processes one trial ran on (param); memory figures are the max over them
+STRATEGY = "strategy"  # single | ddp | fsdp (param)
+PARAMETER_BYTES_PER_WORKER_GB = "parameter_gb_per_worker"  # what one worker holds of the weights (FSDP: ~1/world)
 
 SFT_ROWS_DROPPED = "sft_rows_dropped"  # training rows whose answer alone exceeds task.max_length
 GENERATIONS_TABLE = "generations/val.json"  # (id, prompt, reference, generation) per validation row, log_table
@@ -138,10 +142,18 @@ def standalone_arm(key: str) -> str:
     return f"trial-{key[:8]}"
 
 
+# How a trial runs, not what it answers: one worker or four, DDP or FSDP, checkpointed or not compute the same
+# steps (trainers/distributed.py), so a run on either is the same trial (and --resume finds it either way)
+EXECUTION_KEYS = {"train": ("workers", "strategy", "checkpoint_every_steps", "keep_checkpoints")}
+
+
 def trial_key(trial: dict) -> str:
-    """Identity of a trial's configuration (tracking and output paths excluded)."""
+    """Identity of a trial's configuration (tracking, placement and checkpointing excluded)."""
     import hashlib
     import json
 
     core = {k: v for k, v in trial.items() if k != "tracking"}
+    for section, keys in EXECUTION_KEYS.items():
+        if isinstance(core.get(section), dict):
+            core[section] = {k: v for k, v in core[section].items() if k not in keys}
     return hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -187,7 +187,7 @@ class RunRecorder:
     be recorded without the run id), then written through an outbox so a tracking server that is down for a
     while costs no metric. It lives in the trial's writer process (trainers/trial_run.py), not in the trial."""
 
-    def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict):
+    def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict, resume_run_id: str | None = None):
         if cfg.uri.startswith(("http://", "https://")):
             # MLflow's own HTTP retries (7, exponential backoff) would hold every write for minutes during an
             # outage; the outbox retries instead, in order.
@@ -202,19 +202,33 @@ class RunRecorder:
         if cfg.sweep_id:
             all_tags[record.SWEEP_ID] = cfg.sweep_id
         created = []
-        _Outbox(cfg.outage_timeout_s).send(
-            lambda: created.append(self.client.create_run(experiment_id(cfg), run_name=run_name,
-                                                          tags={k: redact(v) for k, v in all_tags.items()})),
-            wait=True)
+        if resume_run_id:  # a trial restarted from its checkpoint: the same run, running again
+            def reopen():
+                self.client.update_run(resume_run_id, status="RUNNING")
+                for stale in (record.ERROR, record.PRUNED_AT_STEP):  # what closing the interrupted attempt wrote
+                    if stale in self.client.get_run(resume_run_id).data.tags:
+                        self.client.delete_tag(resume_run_id, stale)
+                self.client.set_tag(resume_run_id, record.STATUS, "running")
+                created.append(self.client.get_run(resume_run_id))
+            _Outbox(cfg.outage_timeout_s).send(reopen, wait=True)
+        else:
+            _Outbox(cfg.outage_timeout_s).send(
+                lambda: created.append(self.client.create_run(experiment_id(cfg), run_name=run_name,
+                                                              tags={k: redact(v) for k, v in all_tags.items()})),
+                wait=True)
         self.run_id = created[0].info.run_id
         self.artifact_uri = created[0].info.artifact_uri
+        # a resumed run keeps the params its first attempt logged (MLflow refuses a changed value, and a
+        # restart on another node may count its threads differently)
+        self.logged_params = dict(created[0].data.params) if resume_run_id else {}
         self.log_params(params)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         self.outbox.send(self._log_batch,
-                         {"params": [Param(k, redact(v)[:6000]) for k, v in params.items() if v is not None]})
+                         {"params": [Param(k, redact(v)[:6000]) for k, v in params.items()
+                                     if v is not None and k not in self.logged_params]})
 
     def log_metrics(self, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
         """`timestamp_ms`: when the trial measured them (a write delivered late keeps its time)."""

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from trainers import batching, data, dropout, encoded_cache, loop, memory, quantization, record, scoring
+from trainers import batching, checkpoint, data, distributed, dropout, encoded_cache, loop, memory, quantization
+from trainers import record, scoring
 from trainers.config import TrialConfig, dump_trial_config, trial_config_to_dict
 from trainers.device import pick_device
 from trainers.methods import apply_method, parameter_counts, upcast_trainable
@@ -23,8 +24,11 @@ from trainers.modules import resolve_target_modules, summarize
 from trainers.tracking import StopTrial
 from trainers.trial_run import TrialRun
 
-# Receives intermediate and final results; raises StopTrial when a scheduler ends the trial early.
-Report = Callable[[dict], None]
+# Receives intermediate and final results; raises StopTrial when a scheduler ends the trial early. At an
+# evaluation that is also a checkpoint (train.checkpoint_every_steps) it is called as report(metrics,
+# save_state), and save_state(folder) writes the checkpoint where the caller keeps them. On several workers every
+# rank reports (Ray Train's report is collective); rank 0's metrics are the trial's.
+Report = Callable[..., None]
 
 
 def trial_params(cfg: TrialConfig) -> dict:
@@ -145,21 +149,33 @@ def _dir_mb(path: Path) -> float:
 
 def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Optional[int] = None,
               fault_hook: Optional[Callable[[int], None]] = None, tags: Optional[dict] = None,
-              arm: Optional[str] = None) -> dict:
+              arm: Optional[str] = None, resume_from: Optional[str] = None) -> dict:
     """Run one configuration end to end and return its metrics (also logged to MLflow when enabled).
     `arm`: the label a sweep planned for this configuration (its report groups runs by it); a trial run on
-    its own is labelled by its trial key. `tags` are extra run tags (the sweep adds where Ray placed it)."""
+    its own is labelled by its trial key. `tags` are extra run tags (the sweep adds where Ray placed it).
+    `resume_from`: a checkpoint folder; the trial continues from it, in the MLflow run it was writing.
+    Inside a torch.distributed group (Ray Train's workers, torchrun) every rank runs this; rank 0 records."""
+    import dataclasses
+
     wall_start = time.perf_counter()
     threads = cfg.train.num_threads or num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)  # a 1-CPU Ray trial must not fight its neighbour for cores
     device = pick_device(cfg.train.device)
+    distributed.join_from_env(device)
+    rank, workers = distributed.world()
+    device = distributed.device_for_rank(device)
+    strategy = distributed.choose_strategy(cfg.train.strategy, not cfg.method.is_adapter) if workers > 1 else "single"
     key = record.trial_key(trial_config_to_dict(cfg))
     arm = arm or record.standalone_arm(key)
     metric_name = record.metric_key("val", cfg.task.metric)
+    tracked = cfg.tracking if rank == 0 else dataclasses.replace(cfg.tracking, enabled=False)
+    if resume_from is None and fault_hook is None:  # a drill fires once: not again in the run it restarted
+        fault_hook = fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size)
     try:
-        with TrialRun(cfg.tracking, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
+        with TrialRun(tracked, run_name=f"{arm}-s{cfg.train.seed}", params=trial_params(cfg),
                       tags={record.ARM: arm, record.DEVICE: memory.device_name(device), record.TRIAL_KEY: key,
-                            **(tags or {})}) as run:
+                            **(tags or {})},
+                      resume_run_id=checkpoint.run_id_of(resume_from) if resume_from else None) as run:
             torch.manual_seed(cfg.train.seed)
 
             # 1. data: the label set fixes the classifier head
@@ -191,6 +207,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 if cfg.train.fast_cpu_dropout:  # a quarter of a MiniLM step went to drawing dropout masks
                     cpu_dropouts = dropout.use_cpu_dropout(net)
             trainable, total = parameter_counts(net)
+            trained = distributed.wrap(net, strategy, device)  # what steps call: DDP, FSDP2 shards, or net
             # from here the heap's peak is what training and evaluation add to the weights; the weights are
             # counted by their bytes, since a checkpoint transformers maps from disk is not on the heap
             memory.start_heap_window()
@@ -199,7 +216,8 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                             "precision": cfg.train.precision,
                             "gradient_checkpointing": cfg.train.gradient_checkpointing,
                             "attn_implementation": getattr(net.config, "_attn_implementation", None),
-                            "cpu_dropout_modules": cpu_dropouts})
+                            "cpu_dropout_modules": cpu_dropouts, record.WORKERS: workers,
+                            record.STRATEGY: strategy})
 
             # 4. tokenize, as scoring reads each split (sft drops a row whose answer alone is too long), or read
             # the splits a trial before this one on this machine tokenized the same way
@@ -207,26 +225,39 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 splits, tokenizer, cfg, lambda frame: scoring.encode_counted(frame, tokenizer, cfg))
             if not len(encoded["train"]):
                 raise ValueError(f"every training row's answer exceeds task.max_length={cfg.task.max_length}")
-            train_loader = batching.train_loader(encoded["train"], tokenizer, cfg,  # shuffled, grouped or packed
+            # shuffled, grouped or packed; on N workers each computes its 1/N of every micro-batch
+            train_loader = batching.train_loader(encoded["train"], tokenizer, cfg,
                                                  getattr(net.config, "_attn_implementation", None))
+            if workers > 1:
+                train_loader = distributed.RankSlices(train_loader, rank, workers)
             run.ready()  # the run exists (its writer made it meanwhile) before any training is spent
             setup_time = time.perf_counter() - wall_start  # everything before the first step: where time goes
 
             # 5. train, with validation passes the scheduler can act on
-            def on_eval(step: int, loss: float) -> None:
+            def on_eval(step: int, loss: float, save_state=None) -> None:
+                # every rank scores (a sharded model's forward needs them all); the loss is the whole batch's
+                loss = distributed.reduce({"loss": loss}, "mean")["loss"]
                 scores = scoring.evaluate(net, encoded["validation"], tokenizer, cfg, device, "val")
                 run.log_metrics({**scores, record.TRAIN_LOSS: loss}, step=step)
                 if report:
-                    report({**scores, record.TRAIN_LOSS: loss, record.STEP: step, "mlflow_run_id": run.run_id})
+                    metrics = {**scores, record.TRAIN_LOSS: loss, record.STEP: step, "mlflow_run_id": run.run_id}
+                    report(metrics, save_state) if save_state else report(metrics)
 
             memory.reset_cuda_peak(device)
+            if rank:  # the weights are the same on every rank; the dropout masks must not be
+                torch.manual_seed(cfg.train.seed + 7919 * rank)
             if cfg.method.trains:
-                stats = loop.train(net, train_loader, cfg.train, device, on_eval=on_eval, fault_hook=fault_hook
-                                   or fault_hook_for(cfg.train.inject_fault, cfg.train.batch_size))
+                stats = loop.train(trained, train_loader, cfg.train, device, on_eval=on_eval, fault_hook=fault_hook,
+                                   resume=resume_from, trainer_state={"mlflow_run_id": run.run_id})
+                if stats["resumed_from_step"] is not None:
+                    run.set_tags({record.RESUMED_FROM_STEP: stats["resumed_from_step"]})
             else:  # the base arm: scored as it is
                 stats = loop.untrained(cfg.train, device)
             train_peaks = memory.cuda_peaks(device)
             driver_view = memory.nvml_process_gb(device)  # read before eval frees or grows the pool
+            # the trial's speed is every worker's tokens; the loss is the whole batch's
+            stats.update(distributed.reduce({"tokens_per_s": stats["tokens_per_s"]}, "sum"))
+            stats.update(distributed.reduce({"train_loss": stats["train_loss"]}, "mean"))
             speed = throughput(net, stats, device) if stats["tokens"] else {}
 
             # 6. evaluate: validation selects, test reports
@@ -253,8 +284,10 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             adapter_mb = 0.0
             with tempfile.TemporaryDirectory() as tmp:
                 ship_dir = Path(tmp) / (record.ADAPTER_DIR if cfg.method.is_adapter else "model")
-                if cfg.method.trains:
-                    net.save_pretrained(ship_dir, safe_serialization=True)
+                # FSDP2: every rank joins gathering the full weights; rank 0 writes them
+                whole = distributed.full_state_dict(net) if strategy == "fsdp" and cfg.method.trains else None
+                if cfg.method.trains and rank == 0:
+                    net.save_pretrained(ship_dir, safe_serialization=True, **({"state_dict": whole} if whole else {}))
                     if cfg.method.is_adapter:
                         _name_base_portably(ship_dir, cfg)
                     dump_trial_config(cfg, str(ship_dir / record.TRIAL_CONFIG_FILE))
@@ -277,7 +310,10 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 **{f"train_{k}": v for k, v in train_peaks.items()},
                 **{f"eval_{k}": v for k, v in eval_peaks.items()},
                 record.WALL_TIME_S: time.perf_counter() - wall_start,
+                record.PARAMETER_BYTES_PER_WORKER_GB: distributed.local_parameter_bytes(net) / 1024 ** 3,
             }
+            # a trial on N workers needs each of them to hold its largest worker's memory: the max over ranks
+            results.update(distributed.reduce({k: v for k, v in results.items() if k.endswith("_gb")}, "max"))
             # one score a row, keyed by stable row ids, and each split's hash of its ordered ids: the report pairs
             # arms row by row (evaluation/paired.py), and only runs whose hashes agree were scored on the same rows
             with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,9 @@ class TrialRun:
     """A trial's child run, as a context manager whose exit records how the trial ended (tracking.outcome_of);
     a no-op when tracking is disabled (the bare baseline)."""
 
-    def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict):
+    def __init__(self, cfg: TrackingConfig, run_name: str, params: dict, tags: dict,
+                 resume_run_id: str | None = None):
+        """`resume_run_id`: a trial continuing from a checkpoint writes on into the run it began (one run)."""
         self.enabled = cfg.enabled
         self.closed = False
         self._run: dict | None = None
@@ -45,7 +47,7 @@ class TrialRun:
             return
         self._writer = _Writer()
         self._opening = self._writer.send("open", reply=True, cfg=dataclasses.asdict(cfg), run_name=run_name,
-                                          params=_strings(params), tags=_strings(tags))
+                                          params=_strings(params), tags=_strings(tags), resume_run_id=resume_run_id)
 
     def ready(self) -> None:
         """Wait for the run to exist. The writer creates it while the trial sets up; a store that cannot be
