@@ -165,6 +165,10 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
     rank, workers = distributed.world()
     device = distributed.device_for_rank(device)
     strategy = distributed.choose_strategy(cfg.train.strategy, not cfg.method.is_adapter) if workers > 1 else "single"
+    if isinstance(cfg.train.workers, int) and cfg.train.workers != workers:
+        print(f"train.workers={cfg.train.workers}, but this process group has {workers}: training on {workers} "
+              f"(start workers with `torchrun --nproc_per_node {cfg.train.workers} -m trainers ...` or a sweep)",
+              flush=True)
     key = record.trial_key(trial_config_to_dict(cfg))
     arm = arm or record.standalone_arm(key)
     metric_name = record.metric_key("val", cfg.task.metric)
