@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.peftsweep-installed
 
-.PHONY: install system-deps demo test test-fast test-all bench bench-memory bench-packing bench-peers gpu-check ui clean
+.PHONY: install system-deps demo test test-fast test-all bench bench-memory bench-packing bench-peers bench-adapter-set gpu-check ui clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ bench: install
 	$(PY) bench/dropout.py
 	$(PY) bench/gpu_table.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
 	  --sizes $$($(PY) -c "import torch; print('135m,1b' if torch.cuda.is_available() else 'tiny')")
+
+# One process serving N adapters of a base vs N single-adapter processes: peak RSS (N = 1, 3, 10) and the
+# latency of a mixed batch vs the same rows per adapter (~3 min on 2 cores).
+bench-adapter-set: install
+	$(PY) bench/adapter_set.py
 
 # Predicted vs measured peak memory of the newest sweep in ./mlflow.db (run after `make demo`).
 bench-memory: install

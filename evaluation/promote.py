@@ -134,12 +134,13 @@ def reload_check(model_uri: str, tracking_uri: str, logged: float, metric: str, 
     return reproduced
 
 
-def merge_damage(weights: str, metric: str, logged: float) -> dict:
+def merge_damage(weights: str, metric: str, logged: float, merged=None) -> dict:
     """An adapter trained on a quantized base, merged into the full-precision base (how it is often
-    shipped): its test metric and the points lost against the quantized-base figure (transformers#31293)."""
+    shipped): its test metric and the points lost against the quantized-base figure (transformers#31293).
+    `merged`: the (model, tokenizer, config) already merged (`peftsweep export --format merged`)."""
     from trainers import load_trained, score_split
 
-    model, tokenizer, cfg = load_trained(weights, base_quant="none", merge=True)
+    model, tokenizer, cfg = merged or load_trained(weights, base_quant="none", merge=True)
     merged = score_split(model, tokenizer, cfg, "test")[record.metric_key("test", metric)]
     return {f"merged_fp_test_{metric}": merged,
             "merge_damage_pts": round(record.metric_scale(metric) * (logged - merged), 2)}

@@ -20,16 +20,22 @@ class TrainedModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.cfg = load_trained(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
-        from trainers import input_column, predict_texts
+        from trainers import predict_texts
 
-        if hasattr(model_input, "columns"):
-            column = next((c for c in ("messages", "prompt", "text") if c in model_input.columns), None)
-            if column is None:
-                raise ValueError(f"expected a {input_column(self.cfg)!r} column, got {list(model_input.columns)}")
-            inputs = [_conversation(v) if column == "messages" else str(v) for v in model_input[column]]
-        else:
-            inputs = [str(t) for t in model_input]
-        return predict_texts(self.model, self.tokenizer, self.cfg, inputs)
+        return predict_texts(self.model, self.tokenizer, self.cfg, request_inputs(model_input, self.cfg))
+
+
+def request_inputs(model_input, cfg) -> list:
+    """The rows of a request as the model reads them: the `messages`, `prompt` or `text` column (a list of
+    strings is taken as texts)."""
+    from trainers import input_column
+
+    if hasattr(model_input, "columns"):
+        column = next((c for c in ("messages", "prompt", "text") if c in model_input.columns), None)
+        if column is None:
+            raise ValueError(f"expected a {input_column(cfg)!r} column, got {list(model_input.columns)}")
+        return [_conversation(v) if column == "messages" else str(v) for v in model_input[column]]
+    return [str(t) for t in model_input]
 
 
 AdapterClassifier = TrainedModel  # the name versions registered before sft models load by

@@ -1,4 +1,5 @@
-"""peftsweep: sweep | plan | trial | report | promote | ui. Arguments after the command are Hydra overrides."""
+"""peftsweep: sweep | plan | trial | report | promote | serve-set | export | ui. Arguments after the command are
+Hydra overrides."""
 from __future__ import annotations
 
 import argparse
@@ -64,14 +65,21 @@ def cmd_plan(args) -> int:
           f"searcher {cfg.searcher.name}, scheduler {cfg.scheduler.name}), in start order; memory is host RSS "
           "on CPU, allocated VRAM on CUDA:")
     width = max(44, *(len(t.arm) for t in plan.trials))
+    spans = any(t.workers > 1 for t in plan.trials)  # memory is then per worker
     print(f"{'#':>3}  {'arm':{width}s} {'seed':>4} {'modules':>7} {'trainable':>12} {'trainable %':>11} "
-          f"{'pred. peak GB':>13}  device" + ("   GPU share (pred. GB on CUDA)" if packing else ""))
+          f"{'pred. peak GB':>13}  device" + ("   workers x strategy" if spans else "")
+          + ("   GPU share (pred. GB on CUDA)" if packing else ""))
     for i, t in enumerate(plan.trials):
         line = (f"{i:3d}  {t.arm:{width}s} {t.seed:4d} {t.targets or 'all':>7} {t.trainable:12,d} "
                 f"{100 * t.trainable / t.total:11.3f} {t.predicted_gb:13.2f}  {t.device}")
+        if spans:
+            line += f"   {t.workers} x {t.strategy}"
         if packing:
             line += f"   {t.gpu_share:.2f} ({t.predicted_gpu_gb:.1f})"
         print(line)
+    if spans:
+        print("\nA trial on N workers: memory figures are one worker's (each computes 1/N of every batch; FSDP "
+              "also shards weights, gradients and optimizer state N ways).")
     if packing:
         shares = [t.gpu_share for t in plan.trials]
         per_gpu = max(1, int(1 / max(shares) + 1e-9))
@@ -154,6 +162,54 @@ def cmd_promote(args) -> int:
     if "merge_damage_pts" in out:
         print(f"Merged into the full-precision base: test {out['metric']} "
               f"{scale * out['merged_fp_test_' + out['metric']]:.2f} ({out['merge_damage_pts']:+.2f} pts lost)")
+    return 0
+
+
+def cmd_serve_set(args) -> int:
+    from evaluation.adapter_set import SetRefused, build_set
+    from trainers.tracking import absolute_uri, client
+
+    cfg = _load(args.overrides, store=True)
+    try:
+        out = build_set(client(cfg.trial.tracking), absolute_uri(cfg.trial.tracking.uri),
+                        cfg.trial.tracking.experiment, args.adapter, args.name, args.alias, args.base)
+    except SetRefused as exc:
+        return _fail(f"adapter set refused: {exc}", 1)
+    print(f"Registered {out['name']} version {out['version']}, alias @{out['alias']}: "
+          f"{len(out['adapters'])} adapters on one base ({out['base']}):")
+    for name, uri in out["adapters"]:
+        print(f"  {name:24s} {uri}  (fresh-process check: {100 * out['agreement'][name]:.0f} % of its first test "
+              f"rows as its run logged them)")
+    print(f"Serve it: mlflow models serve -m {out['uri']} --env-manager local --host 127.0.0.1 --port 5001\n"
+          "A request names the adapter per row (an `adapter` column) or for all rows (params), `__base__` for "
+          "the untouched base:\n"
+          "  curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{\"dataframe_records\": "
+          f"[{{\"text\": \"...\", \"adapter\": \"{out['adapters'][0][0]}\"}}]}}'")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from evaluation.adapter_set import SetRefused
+    from evaluation.export import export
+    from trainers.tracking import absolute_uri, client
+
+    cfg = _load(args.overrides, store=True)
+    try:
+        out = export(client(cfg.trial.tracking), absolute_uri(cfg.trial.tracking.uri), args.adapter, args.format,
+                     args.dir, args.base)
+    except SetRefused as exc:
+        return _fail(f"export refused: {exc}", 1)
+    if out["format"] == "vllm":
+        print(f"{len(out['adapters'])} adapters written for vLLM under {out['dir']}/ (base {out['base']}). Serve them "
+              f"from one base (also in {out['dir']}/vllm_serve.sh):\n{out['command']}")
+        return 0
+    from trainers.record import metric_scale
+
+    for name, m in out["adapters"].items():
+        scale = metric_scale(m["metric"])
+        print(f"{name}: merged weights and tokenizer in {m['dir']}/ (plain transformers). Merge damage check: "
+              f"test {m['metric']} {scale * m['merged_fp_test_' + m['metric']]:.2f} merged vs "
+              f"{scale * m['adapter']:.2f} as an adapter ({m['merge_damage_pts']:+.2f} pts lost)")
     return 0
 
 
@@ -288,6 +344,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost", choices=["peak_mem", "device_hours"], help="cheapest_within: what cheapest means")
     p.add_argument("--memory-budget-gb", type=float, help="best_under_budget: peak memory the adapter must fit")
     p.set_defaults(fn=cmd_promote)
+    p = sub.add_parser("serve-set", help="register several adapters of one base as one servable model")
+    p.add_argument("-a", "--adapter", action="append", default=[], metavar="[NAME=]models:/MODEL@ALIAS",
+                   help="an adapter (or models:/MODEL/VERSION), repeated; default: every @champion of one base")
+    p.add_argument("--base", help="with no --adapter: the base whose champions to take (path, name or hash prefix)")
+    p.add_argument("--name", help="registered name of the set (default: <base model name>-set)")
+    p.add_argument("--alias", default="champion", help="alias moved to the new version once its check passes")
+    p.set_defaults(fn=cmd_serve_set)
+    p = sub.add_parser("export", help="write registered adapters for vLLM, or merged into their base")
+    p.add_argument("--format", choices=["vllm", "merged"], required=True)
+    p.add_argument("dir", help="a new (or empty) folder")
+    p.add_argument("-a", "--adapter", action="append", default=[], metavar="[NAME=]models:/MODEL@ALIAS",
+                   help="an adapter (or models:/MODEL/VERSION), repeated; default: every @champion of one base")
+    p.add_argument("--base", help="with no --adapter: the base whose champions to take (path, name or hash prefix)")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("ui", help="MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=5000)

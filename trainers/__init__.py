@@ -20,6 +20,9 @@ _LAZY = {
     "score_split": "trainers.scoring", "predict_texts": "trainers.scoring", "split_inputs": "trainers.scoring",
     "score_predictions": "trainers.scoring", "input_column": "trainers.scoring",
     "StopTrial": "trainers.tracking", "load_row_scores": "trainers.tracking",
+    "BASE_MODEL_FILE": "trainers.inference",
+    "load_adapter_set": "trainers.adapters", "predict_set": "trainers.adapters", "save_merged": "trainers.adapters",
+    "BASE_ADAPTER": "trainers.adapters", "BASE_HEAD_SEED": "trainers.adapters", "model_dir": "trainers.model",
 }
 
 __all__ = ["ConfigError", "TrialConfig", "load_trial_config", "trial_config_from_dict", *_LAZY]

@@ -53,22 +53,29 @@ def answer_loss(model, encoded, tokenizer, batch_size: int, device: str) -> floa
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
              device: str) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens, in input order."""
-    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, device)]
+    return [text_of(tokenizer, ids) for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                                            device)]
+
+
+def text_of(tokenizer, ids: list[int]) -> str:
+    """A generation as the answer served and scored: decoded without special tokens, trimmed."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                 device: str) -> list[list[int]]:
-    """The new token ids of greedy decoding, up to and including the end-of-sequence token, in input order."""
+                 device: str, adapter_names: list[str] | None = None) -> list[list[int]]:
+    """The new token ids of greedy decoding, up to and including the end-of-sequence token, in input order.
+    `adapter_names`: one PEFT adapter per prompt, for a model holding several (trainers/adapters.py)."""
     model.eval()
     out: list[list[int]] = [[] for _ in prompts]
     eos = tokenizer.eos_token_id
     for batch in _by_length(prompts, batch_size):
         ids, mask, _ = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+        names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in batch]}
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                             temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
+                             temperature=None, top_p=None, top_k=None, **names)[:, ids.shape[1]:]
         sample_heap()  # the key/value cache of the whole batch is still alive here
         for i, row in zip(batch, new.tolist()):
             out[i] = row[: row.index(eos) + 1] if eos in row else row  # what follows eos is padding

@@ -28,9 +28,9 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
           on_eval: Optional[Callable[[int, float, Optional[Callable[[str], None]]], None]] = None,
           fault_hook: Optional[Callable[[int], None]] = None, resume: Optional[str] = None,
           trainer_state: Optional[dict] = None) -> dict:
-    """Train for `total_steps` optimizer steps; call `on_eval(step, mean_loss, save_state)` every
-    eval_every_steps, where `save_state(folder)` writes a checkpoint (trainers/checkpoint.py) at every
-    checkpoint_every_steps and is None otherwise. `resume`: a checkpoint folder to continue from (weights,
+    """Train for `total_steps` optimizer steps; call `on_eval(step, mean_loss)` every eval_every_steps, and
+    `on_eval(step, mean_loss, save_state)` at every checkpoint_every_steps, where `save_state(folder)` writes a
+    checkpoint (trainers/checkpoint.py). `resume`: a checkpoint folder to continue from (weights,
     optimizer, schedule, RNG and data position restored: the run ends where an uninterrupted one ends).
     `trainer_state`: extra entries a checkpoint carries (the MLflow run id). Returns loss and timing figures;
     tokens counts non-padding tokens seen."""
@@ -108,7 +108,8 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
 
                     def save_state(folder: str, at=at, rng=rng) -> None:
                         checkpoint.save(folder, model, optimizer, at, rng, rank)
-                on_eval(step, sum(window) / len(window), save_state)
+                loss = sum(window) / len(window)
+                on_eval(step, loss, save_state) if save_state else on_eval(step, loss)
                 model.train()
                 check_grads = True
             window = []

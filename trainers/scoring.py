@@ -38,20 +38,23 @@ def eval_batch_size(cfg: TrialConfig) -> int:
     return cfg.train.batch_size if cfg.task.type == "sft" else cfg.train.eval_batch_size
 
 
-def predict(model, encoded, tokenizer, cfg: TrialConfig, device: str) -> tuple[list[int], list[int], float]:
+def predict(model, encoded, tokenizer, cfg: TrialConfig, device: str,
+            adapter_names: list[str] | None = None) -> tuple[list[int], list[int], float]:
     """(predicted class per row, in row order; true class per row; mean loss), under the training autocast:
-    a bf16 base with fp32 adapters and head only composes there."""
-    return predict_rows(model, encoded, tokenizer, cfg, device)[:3]
+    a bf16 base with fp32 adapters and head only composes there. `adapter_names`: one PEFT adapter per row,
+    for a model holding several (trainers/adapters.py); each batch then runs mixed."""
+    return predict_rows(model, encoded, tokenizer, cfg, device, adapter_names)[:3]
 
 
-def predict_rows(model, encoded, tokenizer, cfg: TrialConfig,
-                 device: str) -> tuple[list[int], list[int], float, list[float]]:
+def predict_rows(model, encoded, tokenizer, cfg: TrialConfig, device: str,
+                 adapter_names: list[str] | None = None) -> tuple[list[int], list[int], float, list[float]]:
     """`predict`, and each row's loss (its cross-entropy; a causal LM's per answer token of its true label)."""
     with loop.autocast_for(device, cfg.train.precision):
         if cfg.task.type == "classification":
-            return _predict_classification(model, encoded, tokenizer, device, cfg.train.eval_batch_size)
+            return _predict_classification(model, encoded, tokenizer, device, cfg.train.eval_batch_size,
+                                           adapter_names)
         return _likelihood_rows(model, list(encoded), tokenizer, list(cfg.task.labels), device,
-                                cfg.train.eval_batch_size)
+                                cfg.train.eval_batch_size, adapter_names)
 
 
 def metrics(cfg: TrialConfig, predictions: list[int], references: list[int], loss: float | None = None) -> dict:
@@ -213,7 +216,14 @@ def score_predictions(cfg: TrialConfig, predicted: list[str], split: str = "test
     return metrics(cfg, [index[p] for p in predicted], list(frame["label"]))
 
 
-def _predict_classification(model, encoded, tokenizer, device: str, batch_size: int):
+def _per_row(adapter_names: list[str] | None, rows) -> dict:
+    """The `adapter_names` keyword for a batch of these rows (PEFT splits each adapted layer by it); none
+    for a model holding one adapter."""
+    return {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in rows]}
+
+
+def _predict_classification(model, encoded, tokenizer, device: str, batch_size: int,
+                            adapter_names: list[str] | None = None):
     # Length-sorted batches pad little: evaluation costs about half as much as in data order.
     lengths = [len(ids) for ids in encoded["input_ids"]]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -222,9 +232,10 @@ def _predict_classification(model, encoded, tokenizer, device: str, batch_size: 
     model.eval()
     sorted_preds, sorted_refs, sorted_losses, loss_sum = [], [], [], 0.0
     with torch.no_grad():
-        for batch in loader:
+        for start, batch in zip(range(0, len(order), batch_size), loader):
             labels = batch.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            names = _per_row(adapter_names, order[start: start + len(labels)])
+            logits = model(**{k: v.to(device) for k, v in batch.items()}, **names).logits.float()
             sample_heap()
             loss_sum += torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
             # each row's own too (a [batch, labels] tensor: nothing next to the forward pass); the sum above
@@ -247,8 +258,8 @@ def predict_by_likelihood(model, rows, tokenizer, labels: list[str], device: str
 
 
 @torch.no_grad()
-def _likelihood_rows(model, rows, tokenizer, labels: list[str], device: str,
-                     batch_size: int) -> tuple[list[int], list[int], float, list[float]]:
+def _likelihood_rows(model, rows, tokenizer, labels: list[str], device: str, batch_size: int,
+                     adapter_names: list[str] | None = None) -> tuple[list[int], list[int], float, list[float]]:
     """`predict_by_likelihood`, and each row's loss per answer token of its true label.
 
     Sequences are left-padded so every answer ends at the last position, and only the last
@@ -266,10 +277,12 @@ def _likelihood_rows(model, rows, tokenizer, labels: list[str], device: str,
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        names = _per_row(adapter_names, [start + j for j in range(len(chunk)) for _ in answers])
         try:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+                           **names).logits
         except TypeError:  # an architecture without logits_to_keep: compute all, keep the tail
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **names).logits
         logprobs = torch.log_softmax(logits[:, -keep:].float(), -1)
         sample_heap()
         scores = []
