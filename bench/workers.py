@@ -72,10 +72,16 @@ def main() -> None:
     for k in got:
         trial = f"   trial's own wall_time_s {inner[k]:6.1f}" if k in inner else ""
         print(f"  {k:11s} wall {med[k]:6.1f} s{trial}")
-    print(f"ray-train / in-process (whole sweep): {med['ray-train'] / med['in-process']:.2f}x; "
-          f"the trial alone: {inner['ray-train'] / inner['in-process']:.2f}x; "
-          f"torchrun / bare: {med['torchrun'] / med['bare']:.2f}x")
-    print("No interval: one run per way unless --repeats; treat differences under ~10 % as noise on 2 cores.")
+    def ratio(a: str, b: str, i: int) -> str:
+        """Median ratio of paired repeats (run side by side), with the range over repeats."""
+        r = sorted(x[i] / y[i] for x, y in zip(got[a], got[b]))
+        spread = f" (range {r[0]:.2f}-{r[-1]:.2f} over {len(r)} paired repeats)" if len(r) > 1 else \
+            " (one repeat: no interval; --repeats 3 gives a range)"
+        return f"{statistics.median(r):.2f}x{spread}"
+
+    print(f"ray-train / in-process, whole sweep: {ratio('ray-train', 'in-process', 0)}")
+    print(f"ray-train / in-process, the trial alone: {ratio('ray-train', 'in-process', 1)}")
+    print(f"torchrun / bare: {ratio('torchrun', 'bare', 0)}")
 
 
 if __name__ == "__main__":
