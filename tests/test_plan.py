@@ -125,3 +125,27 @@ def test_a_sweep_config_saved_by_an_older_version_still_loads():
 
     saved = {**as_dict(load([])), "output_dir": "outputs/trial"}
     assert sweep_config_from_dict(saved).trial == load([]).trial
+
+
+def test_a_full_ft_arm_that_fits_no_single_gpu_is_planned_on_the_fewest_workers_that_fit(capsys):
+    """train.workers=auto on the baseline alone: the full-FT arm spans the fewest workers whose predicted
+    per-worker peak fits one device (sharded by FSDP), the LoRA arms stay on one; plan prints both."""
+    from sweeps.packing import per_worker_gb
+
+    args = ["search=tiny", "cluster.gpus_per_trial=auto", "cluster.gpu_memory_gb=0.75", "cluster.num_gpus=8",
+            "+search.baseline.train.workers=auto"]
+    cfg = load(args)
+    plan = build_plan(cfg)
+    full = next(t for t in plan.trials if t.config.method.name == "full")
+    capacity = 0.75 * cfg.cluster.gpu_headroom
+    assert (full.workers, full.strategy) == (4, "fsdp")
+    assert per_worker_gb(full.config, cfg.cluster, 2) > capacity >= per_worker_gb(full.config, cfg.cluster, 4)
+    assert full.predicted_gpu_gb == pytest.approx(per_worker_gb(full.config, cfg.cluster, 4))
+    assert all(t.workers == 1 for t in plan.trials if t is not full)
+    assert plan.trial_dict(full.arm, 0)["train"]["workers"] == 4  # what the Ray trial will run
+    assert "workers=" not in full.arm  # where an arm runs is not what it is
+
+    assert main(["plan", *args]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if full.arm in line)
+    assert "4 x fsdp" in row and f"({full.predicted_gpu_gb:.1f})" in row

@@ -77,6 +77,17 @@ CASES = [
     # ASHA without intermediate evaluations could never stop a trial
     (["scheduler=asha"], "scheduler=asha needs train.eval_every_steps"),
     (["task.max_length=100000"], "task.max_length=100000 exceeds the 512 positions of minilm-l6"),
+    # trials on several workers, and checkpoints
+    (["train.workers=0"], "train.workers must be an integer >= 1 or 'auto', got 0"),
+    (["train.strategy=zero3"], "train.strategy='zero3' is not auto, ddp or fsdp"),
+    (["train.workers=2", "train.batch_size=5"], "train.batch_size=5 does not split evenly over train.workers=2"),
+    (["train.workers=3", "train.batch_size=6"], "train.workers=3, but a trial can span at most 2"),
+    (["train.checkpoint_every_steps=5"], "must be a multiple of train.eval_every_steps=None"),
+    (["train.checkpoint_every_steps=5", "train.eval_every_steps=2"], "must be a multiple of train.eval_every_steps=2"),
+    (["task=bbc_headlines", "train.workers=2", "train.packing=true"], "train.packing with train.workers > 1 needs"),
+    # a full-FT arm that no count of this machine's workers can hold: refused, naming what would fit
+    (["+search.baseline.train.workers=auto", "cluster.gpus_per_trial=1", "cluster.gpu_memory_gb=0.75",
+      "cluster.num_gpus=2"], "on 2 workers, more than the 0.7 GB each can hold; 4 workers would fit"),
 ]
 
 
