@@ -111,7 +111,7 @@ def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
     raise AssertionError("unreachable")
 
 
-def throughput(net, stats: dict, device: str) -> dict:
+def throughput(net, stats: dict, device: str, workers: int = 1) -> dict:
     """Model FLOPs per token (LoRA-aware: a frozen weight costs 4, a trained one 6), achieved TFLOP/s,
     and MFU against the device's dense peak for the precision trained in (CUDA only: CPUs have no
     agreed peak, so their MFU is left out rather than guessed)."""
@@ -125,7 +125,8 @@ def throughput(net, stats: dict, device: str) -> dict:
     out = {record.FLOPS_PER_TOKEN: per_token, record.TRAIN_TFLOPS_PER_S: stats["tokens_per_s"] * per_token / 1e12}
     peak = peak_flops_for_device(memory.device_name(device), stats["precision"]) if device.startswith("cuda") else None
     if peak:
-        out[record.MFU] = mfu(stats["tokens_per_s"], per_token, peak)
+        # tokens/s is every worker's: their MFU is against every worker's device
+        out[record.MFU] = mfu(stats["tokens_per_s"], per_token, peak * workers)
     return out
 
 
@@ -262,7 +263,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             # the trial's speed is every worker's tokens; the loss is the whole batch's
             stats.update(distributed.reduce({"tokens_per_s": stats["tokens_per_s"]}, "sum"))
             stats.update(distributed.reduce({"train_loss": stats["train_loss"]}, "mean"))
-            speed = throughput(net, stats, device) if stats["tokens"] else {}
+            speed = throughput(net, stats, device, workers) if stats["tokens"] else {}
 
             # 6. evaluate: validation selects, test reports
             memory.reset_cuda_peak(device)
