@@ -84,7 +84,7 @@ CASES = [
     (["train.workers=3", "train.batch_size=6"], "train.workers=3, but a trial can span at most 2"),
     (["train.checkpoint_every_steps=5"], "must be a multiple of train.eval_every_steps=None"),
     (["train.checkpoint_every_steps=5", "train.eval_every_steps=2"], "must be a multiple of train.eval_every_steps=2"),
-    (["task=bbc_headlines", "train.workers=2", "train.packing=true"], "train.packing with train.workers > 1 needs"),
+    (["task=bbc_headlines", "train.workers=2", "train.packing=true"], "train.packing with train.workers > 1 is not supported yet"),
     # a full-FT arm that no count of this machine's workers can hold: refused, naming what would fit
     (["+search.baseline.train.workers=auto", "cluster.gpus_per_trial=1", "cluster.gpu_memory_gb=0.75",
       "cluster.num_gpus=2"], "on 2 workers, more than the 0.7 GB each can hold; 4 workers would fit"),

@@ -119,15 +119,14 @@ class RankSlices:
 
 
 def slice_batch(batch: dict, rank: int, size: int) -> dict:
+    """This rank's rows of a collated batch; the token and sequence counts are recounted from its rows."""
+    if "chunks" in batch or "position_ids" in batch:  # refused before any trial (trainers/validate.py)
+        raise ValueError("packed sft steps do not split across workers: set train.packing=false or train.workers=1")
     rows = next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
     per = -(-rows // size)  # ceil
     index = torch.arange(rank * per, (rank + 1) * per) % rows
-    out = {k: v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
-           for k, v in batch.items() if k not in ("token_count", "sequence_count", "chunks")}
-    if "chunks" in batch:
-        raise ValueError("packed sft steps computed as chunks do not split across workers yet: "
-                         "set train.packing=false or train.workers=1")
-    return out
+    return {k: v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
+            for k, v in batch.items() if k not in ("token_count", "sequence_count")}
 
 
 def reduce(values: dict, op: str) -> dict:

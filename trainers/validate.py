@@ -67,12 +67,11 @@ def validate_trial(cfg: TrialConfig) -> list[str]:
     err = quantization.support_error(cfg.quant, device)
     if err:
         problems.append(err)
-    spans = cfg.train.workers == "auto" or cfg.train.workers > 1
-    if spans and cfg.train.packing and "flash" not in str(cfg.model.attn_implementation or ""):
-        # without varlen attention a packed step is computed as chunks of its examples (trainers/batching.py),
-        # which do not split into equal per-worker slices
-        problems.append("train.packing with train.workers > 1 needs a flash attention kernel "
-                        "(model.attn_implementation=flash_attention_2): set train.packing=false or train.workers=1")
+    if cfg.train.packing and (cfg.train.workers == "auto" or cfg.train.workers > 1):
+        # a packed step holds whole examples of unequal lengths (trainers/batching.py): its rows do not split into
+        # per-worker slices of the same work, so packing stays a one-worker feature for now
+        problems.append("train.packing with train.workers > 1 is not supported yet: set train.packing=false "
+                        "or train.workers=1")
     if cfg.task.type == "sft":
         problems += _sft_problems(cfg)
     else:
