@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 MODEL = "rotten_tomatoes-tiny-bert"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per run, whatever runs between its readers
 def two_sweeps_once(tiny_sweep_once, tiny_bert, tmp_path_factory) -> dict:
     """The session's tiny sweep, promoted (`rotten_tomatoes-tiny-bert@champion`), and in the same store a second
     real sweep on the same tiny BERT: two LoRA arms on every linear layer, no full FT, a learning rate and epochs
@@ -252,7 +252,7 @@ PROMPTS = ["Write the headline of this article: Shares in the firm rose 5% after
            "Write the headline of this article: Rain is expected across the north tomorrow."]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per run, whatever runs between its readers
 def sft_champions_once(tiny_llama, tmp_path_factory) -> dict:
     """Two sft LoRA adapters on the tiny Llama (BBC headlines, 4 steps, two learning rates so they write
     differently), trained by real trials and registered as promotion registers a champion (the adapter, its
