@@ -108,6 +108,8 @@ def run_trial_with_oom_retries(cfg: TrialConfig, **kwargs) -> dict:
                   f"{train.grad_accum} (effective batch {batch * accum})", flush=True)
             kwargs["tags"] = {**kwargs["tags"], record.OOM_RETRY: str(retry + 1),
                               f"{record.OOM_RETRY}_from": f"{batch}x{accum}"}
+            # a checkpoint's data position counts micro-batches of the size that ran out of memory
+            kwargs["resume_from"] = None
     raise AssertionError("unreachable")
 
 
