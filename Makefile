@@ -35,8 +35,8 @@ system-deps:
 
 test: install system-deps
 	$(VENV)/bin/lint-imports  # the layering contracts (.importlinter): arrows point one way
-	# two workers: sweep tests leave a core idle most of their time (tests/conftest.py groups what must not split)
-	$(PY) -m pytest -q -m "not gpu" -n 2 --dist loadgroup --durations=15
+	# two workers, a test file to each at a time: sweep tests leave a core idle most of their time (tests/conftest.py)
+	$(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile --durations=15
 
 # The inner loop: everything but real sweeps (marked slow) and CUDA, in under 5 minutes on 2 cores.
 test-fast: install

@@ -28,24 +28,11 @@ BIN = Path(sys.executable).parent
 
 SMALL_DATA = ["task.train_size=48", "task.validation_size=32", "task.test_size=48", "train.batch_size=8"]
 
-# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): a sweep test leaves a core idle most of
-# its time (Ray start-up, MLflow writes, one 1-CPU trial at a time). Tests of one group run on one worker, one
-# after another: the readers of an expensive session or module sweep (so it runs once), and the tests that race
-# a clock (a driver stopped or killed mid-trial, a server down for N seconds), kept from each other's load.
-_GROUPS = {"tiny-sweep": ("tests/test_adapter_set.py",), "two-worker-sweep": ("tests/test_workers.py",),
-           "against-the-clock": ("tests/test_stop.py", "tests/test_outage.py",
-                                 "tests/test_e2e.py::test_resume_after_the_driver_is_killed")}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items (its own hook of this name)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "tiny_sweep_once" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny-sweep"))
-            continue
-        group = next((g for g, prefixes in _GROUPS.items() if item.nodeid.startswith(prefixes)), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+# `make test` runs two pytest workers (pytest-xdist, `--dist loadfile`): a sweep test leaves a core idle most of
+# its time (Ray start-up, MLflow writes, one 1-CPU trial at a time). A test file is one unit, run on one worker
+# from top to bottom, so a module's sweep fixtures run once. (`loadgroup` would group across files, but
+# xdist 3.8 cannot tag a pytest 9 item with its group: every test is then scheduled alone.) A session fixture
+# read from several files, like the tiny sweep, may run once on each worker.
 
 
 @pytest.fixture(scope="session")
