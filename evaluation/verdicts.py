@@ -42,6 +42,10 @@ class Comparison:
     verdict: str
     pairing: str
     settle: Optional[str] = None
+    # undecided only: about how many seeds an arm would decide it, counted optimistically: with one seed an arm,
+    # k seeds at best act as k times the rows (when every row's disagreement is seed noise); None when no number
+    # decides it. Seed racing spends a seed only where this is within search.max_seeds.
+    seeds_to_decide: Optional[float] = None
 
 
 @dataclass
@@ -100,22 +104,25 @@ def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_
     return {a: np.vstack(rows) for a, rows in by_arm.items()}, arm_seeds, ids, notes
 
 
-def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> Optional[str]:
-    """About what would decide an undecided comparison: rows with one seed an arm, else seeds."""
-    n = diff.n_rows if diff.n_seeds == (1, 1) else min(diff.n_seeds)
+def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> tuple[str, Optional[float]]:
+    """About what would decide an undecided comparison (rows with one seed an arm, else seeds), and the
+    seeds an arm that would, at best (Comparison.seeds_to_decide)."""
+    one_seed = diff.n_seeds == (1, 1)
+    n = diff.n_rows if one_seed else min(diff.n_seeds)
     needed = paired.rows_to_decide(diff.se, diff.mean, margin / scale, n, mode=mode)
     if needed is None:
-        return "no number of rows decides it (the difference sits on the margin)"
-    unit = "rows" if diff.n_seeds == (1, 1) else "seeds an arm"
-    return f"about {needed:,} {unit} (now {n:,})"
+        return "no number of rows decides it (the difference sits on the margin)", None
+    unit = "rows" if one_seed else "seeds an arm"
+    return f"about {needed:,} {unit} (now {n:,})", (needed / n if one_seed else float(needed))
 
 
 def _compare(rows: dict, seeds: dict, reference: str, margin: float, mode: str, scale: float) -> dict:
     out = {}
     for arm, diff in paired.compare_to(rows, reference, seeds=seeds).items():
         judged = paired.verdict(diff.low * scale, diff.high * scale, margin, mode)
+        settle, seeds_needed = _settle(diff, margin, mode, scale) if judged == "undecided" else (None, None)
         out[arm] = Comparison(arm, reference, diff.mean * scale, diff.low * scale, diff.high * scale, judged,
-                              diff.pairing, _settle(diff, margin, mode, scale) if judged == "undecided" else None)
+                              diff.pairing, settle, seeds_needed)
     return out
 
 
@@ -245,33 +252,43 @@ def log_to_runs(client, trials: pd.DataFrame, decision: Decision) -> None:
                              tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-# Per-row spreads assumed before anything ran, the conservative end: accuracy at 50 % has the widest binomial
-# spread; a ROUGE-L row score spreads ~0.2 around its mean on short headlines (0.17-0.24 on BBC headlines with
-# SmolLM2-135M arms here). A sweep's own rows give the real figure once it ran (`rows_to_decide` in the report).
+# Per-row spreads assumed before anything ran. Counted as independent, the conservative end: accuracy at 50 %
+# has the widest binomial spread; a ROUGE-L row score spreads ~0.2 around its mean on short headlines (0.17-0.24
+# on BBC headlines with SmolLM2-135M arms here). Paired, what a sweep's comparisons really are: the spread of
+# one row's difference between two close arms. Two MiniLM arms within 2 points of each other on rotten_tomatoes
+# disagreed on 7-13 % of rows (per-row difference sd 0.26-0.36, median 0.30; the default sweep, seed 0, 2,000
+# test and 500 validation rows); a ROUGE-L difference spread 0.15-0.2 between SmolLM2 LoRA arms. A sweep's own
+# rows give the real figure once it ran (`rows_to_decide` in the report).
 PRESUMED_ACCURACY = 0.5
 PRESUMED_ROW_SD = {"rougeL": 0.2, "exact_match": 0.5, "chrf": 0.2, "bleu": 0.25}
+PRESUMED_PAIRED_SD = {"accuracy": 0.30, "macro_f1": 0.30, "rougeL": 0.18}
 
 
 def sizing(task, metric: str, margin: float) -> list[str]:
     """What `plan` prints before anything is spent: the smallest difference (95 % confidence, 80 % power) the
-    validation and test rows can resolve between two arms, counting them as independent (pairing narrows it
-    by how often the arms err on the same rows), and a warning when that is wider than the margin."""
+    validation and test rows can resolve between two close arms, paired (PRESUMED_PAIRED_SD) where the spread
+    of a row's difference is known for the metric, and counting the rows as independent; a warning when the
+    figure the report will use is wider than the margin."""
     scale = record.metric_scale(metric)
     if metric in ("loss", "perplexity"):
         return [f"sizing: {metric} is scored over the whole split, not per row: no row-level interval to size"]
-    sd = (math.sqrt(2 * PRESUMED_ACCURACY * (1 - PRESUMED_ACCURACY)) if metric in ("accuracy", "macro_f1")
-          else math.sqrt(2) * PRESUMED_ROW_SD.get(metric, 0.25))
+    independent = (math.sqrt(2 * PRESUMED_ACCURACY * (1 - PRESUMED_ACCURACY)) if metric in ("accuracy", "macro_f1")
+                   else math.sqrt(2) * PRESUMED_ROW_SD.get(metric, 0.25))
+    sd = PRESUMED_PAIRED_SD.get(metric, independent)
     rows = {"validation": task.validation_size,
             "test": task.test_size}
     if task.type == "sft":  # generation metrics score only the generated rows
         rows = {k: min(v, task.generation_rows) for k, v in rows.items()}
+    unit = "points" if scale == 100 else metric
     lines = []
     for split, n in rows.items():
         mdd = scale * float(paired.min_detectable_difference(n, sd=sd))
         needed = math.ceil((float(paired.min_detectable_difference(1, sd=sd)) * scale / margin) ** 2)
-        warn = (f" — wider than the margin ±{margin:g}: about {needed:,} rows would resolve it; more seeds "
-                "(search.racing) narrow the seed part, only rows narrow this" if mdd > margin else "")
-        lines.append(f"sizing: {split} {n:,} rows resolve a difference of {mdd:.1f} "
-                     f"{'points' if scale == 100 else metric} between two arms (95 % confidence, 80 % power, rows "
-                     f"counted as independent; pairing narrows it){warn}")
+        how = (f"paired, a row's difference spreading {sd:g} as close arms' do; "
+               f"{scale * float(paired.min_detectable_difference(n, sd=independent)):.1f} counting rows as "
+               f"independent" if metric in PRESUMED_PAIRED_SD else "rows counted as independent; pairing narrows it")
+        warn = (f" — wider than the margin ±{margin:g}: about {needed:,} rows would resolve it; seed racing "
+                "(search.racing) averages out what seeds add, only rows narrow the rest" if mdd > margin else "")
+        lines.append(f"sizing: {split} {n:,} rows resolve a difference of {mdd:.1f} {unit} between two arms "
+                     f"(95 % confidence, 80 % power; {how}){warn}")
     return lines

@@ -86,9 +86,14 @@ def cmd_plan(args) -> int:
         print(f"\nPacking: GPU shares sum to {sum(shares):.2f}; at least {per_gpu} of the largest trials fit one GPU "
               f"({cfg.cluster.gpu_memory_gb or 'local'} GB x {cfg.cluster.gpu_headroom} headroom).")
     if cfg.search.racing:
-        print(f"\nSeed racing: every arm's first seed, then more only for arms still undecided, up to "
-              f"search.max_seeds={cfg.search.max_seeds}: at most {len(plan.arms) * cfg.search.max_seeds} trials "
-              f"({len(plan.arms)} arms x {cfg.search.max_seeds}).")
+        from sweeps.racing import worst_case
+
+        most = worst_case(cfg, plan)
+        shape = (f"{len(plan.arms)} arms x {cfg.search.max_seeds}" if most == len(plan.arms) * cfg.search.max_seeds
+                 else f"{len(plan.arms) - 1} arms x {cfg.search.max_seeds} + the base arm once")
+        print(f"\nSeed racing: every arm's first seed, then more only for arms still open that seeds can settle, up "
+              f"to search.max_seeds={cfg.search.max_seeds}: at most {most} trials ({shape}); "
+              f"{len(plan.trials)} if the first round settles every arm.")
     from evaluation.verdicts import sizing
 
     # before anything is spent: can these rows tell arms apart at the margin the verdicts will use?

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 from ray.tune.search import Searcher
 
 from evaluation.runs import trial_table
-from evaluation.verdicts import ADAPTER_METHODS_EXCLUDED, decide
+from evaluation.verdicts import decide
 from trainers.tracking import client
 
 
@@ -35,14 +35,24 @@ def seed_pool(seeds: Iterable[int], max_seeds: int) -> list[int]:
     return pool
 
 
-def open_labels(decision) -> set[str]:
-    """The adapter arms a decision leaves open on validation (what picks; test only reports): the interval
-    against full FT still holds -margin (`undecided`), or the arm is tied with the best adapter while the tie
-    set holds more than one arm (which of them is best is open). A decided arm is settled either way: within
-    the margin or clearly outside it. An arm without a finished run (failed, or pruned by ASHA) is in no
-    comparison, so it is not open: another seed is not spent on it."""
+def open_labels(decision, max_seeds: Optional[int] = None) -> set[str]:
+    """The adapter arms a decision leaves open on validation (what picks; test only reports) that seeds can
+    still settle: the interval against full FT still holds -margin (`undecided`) and `max_seeds` seeds an arm
+    could decide it (Comparison.seeds_to_decide, optimistic: with one seed, k seeds at best act as k times the
+    rows), or the arm is tied with the best adapter while the tie set holds more than one arm (which of them
+    is best is open, and only seeds average out what one seed drew). An undecided arm no seed budget can
+    settle is left to rows (the report says how many); a decided arm is settled either way. An arm without a
+    finished run (failed, or pruned by ASHA) is in no comparison, so it is not open: another seed is not spent
+    on it."""
     adapters = set(decision.adapters)
-    out = {arm for arm, c in decision.vs_full.get("val", {}).items() if c.verdict == "undecided"}
+
+    def seeds_can_settle(c) -> bool:
+        if c.seeds_to_decide is None:
+            return c.settle is None  # nothing estimated (a corpus metric): race it; "nothing decides it": no
+        return max_seeds is None or c.seeds_to_decide <= max_seeds
+
+    out = {arm for arm, c in decision.vs_full.get("val", {}).items()
+           if c.verdict == "undecided" and seeds_can_settle(c)}
     ties = decision.ties.get("val", [])
     if len(ties) > 1:
         out |= set(ties)
@@ -54,11 +64,13 @@ class MlflowOpenArms:
     judged by evaluation.verdicts.decide as the report will judge them. Only what pickles is kept (no client):
     Tune pickles the searcher, and with it this, into the experiment's tuner.pkl, which `--resume` reads."""
 
-    def __init__(self, tracking, parent_run_id: str, metric: str, margin: float, labels: dict):
+    def __init__(self, tracking, parent_run_id: str, metric: str, margin: float, labels: dict,
+                 max_seeds: Optional[int] = None):
         self.tracking = tracking  # trainers.config.TrackingConfig of the sweep
         self.parent_run_id = parent_run_id
         self.metric = metric  # bare task metric (accuracy, rougeL): the one the report decides by
         self.margin = margin
+        self.max_seeds = max_seeds
         self.ids = {label: ray_id for ray_id, label in labels.items()}  # plan label -> Ray arm id
 
     def __call__(self, completed) -> set[str]:
@@ -66,7 +78,8 @@ class MlflowOpenArms:
         trials = trial_table(c, c.get_run(self.parent_run_id))
         if trials.empty:
             return set()
-        return {self.ids[label] for label in open_labels(decide(c, trials, self.metric, self.margin))
+        decision = decide(c, trials, self.metric, self.margin)
+        return {self.ids[label] for label in open_labels(decision, getattr(self, "max_seeds", None))
                 if label in self.ids}
 
 
@@ -192,17 +205,22 @@ def racer(cfg, plan, parent_run_id: str) -> SeedRacer:
     """The sweep's SeedRacer: the plan's arms (Ray ids, start order), its reference arms, the seed pool and
     the open-arm question asked of MLflow against report.margin (the margin the report and promotion use)."""
     ids, pool = plan.ray_ids, seed_pool(cfg.search.seeds, cfg.search.max_seeds)
-    # what the verdicts compare against (evaluation.verdicts ADAPTER_METHODS_EXCLUDED): every full-FT arm, the
-    # space's own included (the report picks the best of them as the baseline), and the base arm
-    references = [ray_id for ray_id in ids
-                  if plan.trial_dict(ray_id, pool[0])["method"]["name"] in ADAPTER_METHODS_EXCLUDED]
-    judge = MlflowOpenArms(cfg.trial.tracking, parent_run_id, cfg.trial.task.metric, cfg.report.margin, ids)
+    # what the verdicts compare against, re-run at every seed an adapter gets so the comparison stays paired by
+    # seed: every full-FT arm, the space's own included (the report picks the best of them as the baseline).
+    # Not the base arm: it trains nothing (an sft base model answers the same at every seed, a classifier's
+    # untrained head scores chance at every seed), so a further seed of it buys no comparison.
+    references = [ray_id for ray_id in ids if plan.trial_dict(ray_id, pool[0])["method"]["name"] == "full"]
+    judge = MlflowOpenArms(cfg.trial.tracking, parent_run_id, cfg.trial.task.metric, cfg.report.margin, ids,
+                           cfg.search.max_seeds)
     return SeedRacer(list(ids), references, pool, judge, patience_s=cfg.trial.tracking.outage_timeout_s)
 
 
 def worst_case(cfg, plan) -> int:
-    """The trials a race can spend at most: every arm at max_seeds (the grid racing replaces)."""
-    return len(plan.arms) * cfg.search.max_seeds
+    """The trials a race can spend at most: every arm at max_seeds (the grid racing replaces), but the base arm
+    once (it is never re-seeded)."""
+    pool = seed_pool(cfg.search.seeds, cfg.search.max_seeds)
+    base = sum(plan.trial_dict(ray_id, pool[0])["method"]["name"] == "base" for ray_id in plan.ray_ids)
+    return (len(plan.arms) - base) * cfg.search.max_seeds + base
 
 
 def log_spent(c, parent_run_id: str, spent: int, worst: int) -> None:

@@ -204,3 +204,35 @@ def test_inputs_that_cannot_be_paired_are_refused():
     same = paired_diff_ci(np.array([1.0, 0.0, 1.0]), np.array([1.0, 0.0, 1.0]))
     assert (same.mean, same.low, same.high, same.se) == (0.0, 0.0, 0.0, 0.0)
     assert paired.VERDICTS == ("equivalent", "better", "non_inferior", "worse", "undecided")
+
+
+def test_seeds_to_decide_is_the_rows_needed_over_the_rows_there_with_one_seed_and_seeds_with_several():
+    """What racing reads to decide whether a seed can settle an undecided arm: with one seed an arm, k seeds
+    at best act as k times the rows, so rows needed / rows there; with several, the seeds an arm."""
+    from evaluation.verdicts import _compare
+
+    rng = np.random.default_rng(3)
+    full = (rng.random(500) < 0.78).astype(float)
+    arm = full.copy()
+    # 8 % of rows disagree, as many each way: a mean difference of 0 inside an interval of about +-1.7 points
+    flip = np.concatenate([rng.choice(np.flatnonzero(full == 1), 20, replace=False),
+                           rng.choice(np.flatnonzero(full == 0), 20, replace=False)])
+    arm[flip] = 1 - arm[flip]
+    one = _compare({"full": full[None], "arm": arm[None]}, {"full": [0], "arm": [0]}, "full", 1.0, "max", 100)["arm"]
+    assert one.verdict == "undecided"
+    needed = int(one.settle.split("about ")[1].split(" rows")[0].replace(",", ""))
+    assert one.seeds_to_decide == pytest.approx(needed / 500)
+    def seeded(ones_lost: int, zeros_won: int) -> np.ndarray:  # a seed moves the arm by a point or two
+        out = full.copy()
+        out[rng.choice(np.flatnonzero(full == 1), ones_lost, replace=False)] = 0
+        out[rng.choice(np.flatnonzero(full == 0), zeros_won, replace=False)] = 1
+        return out
+
+    three = np.vstack([arm, seeded(25, 15), seeded(15, 20)])
+    fulls = np.vstack([full, full, full])
+    many = _compare({"full": fulls, "arm": three}, {"full": [0, 1, 2], "arm": [0, 1, 2]}, "full", 1.0, "max",
+                    100)["arm"]
+    assert many.verdict == "undecided" and "seeds an arm" in many.settle
+    assert many.seeds_to_decide == int(many.settle.split("about ")[1].split(" seeds")[0].replace(",", ""))
+    decided = _compare({"full": full[None], "arm": full[None]}, {}, "full", 1.0, "max", 100)["arm"]
+    assert decided.verdict != "undecided" and decided.seeds_to_decide is None and decided.settle is None

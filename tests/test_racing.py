@@ -197,6 +197,26 @@ def test_open_arms_are_undecided_against_full_ft_or_tied_with_the_best():
     assert "full-lr1e-3" not in open_labels(d)  # a second full-FT arm is a reference, not a raced adapter
 
 
+def test_an_undecided_arm_is_raced_only_while_seeds_can_settle_it():
+    """Seeds narrow the seed part of an interval; when only many more rows would decide an arm (its one-seed
+    interval straddles -margin by far more than max_seeds seeds could shrink it), racing spends nothing on it."""
+    from evaluation.verdicts import Comparison, Decision
+
+    d = Decision("accuracy", 1.0, full_arm="full", adapters=["near", "far", "stuck", "corpus"])
+    d.vs_full["val"] = {
+        "near": Comparison("near", "full", -0.4, -1.6, 0.8, "undecided", "rows", "about 2,600 rows (now 2,000)", 1.3),
+        "far": Comparison("far", "full", -0.8, -3.4, 1.8, "undecided", "rows", "about 150,000 rows (now 500)", 300.0),
+        "stuck": Comparison("stuck", "full", -1.0, -2.0, 0.0, "undecided", "rows",
+                            "no number of rows decides it (the difference sits on the margin)", None),
+        "corpus": Comparison("corpus", "full", 0.0, -5.0, 5.0, "undecided", "rows (corpus bootstrap)"),
+    }
+    assert open_labels(d, max_seeds=3) == {"near", "corpus"}  # a corpus metric has no estimate: raced
+    assert open_labels(d, max_seeds=1000) == {"near", "far", "corpus"}
+    assert open_labels(d) == {"near", "far", "corpus"}  # no budget given: every seed-settleable arm
+    d.ties["val"] = ["near", "far"]
+    assert open_labels(d, max_seeds=3) == {"near", "far", "corpus"}  # a tie is open whatever the rows say
+
+
 def test_the_racer_pickles_for_tuner_pkl(tiny_bert, store):
     """Tune pickles the searcher (and the driver's open-arm judge with it) into tuner.pkl, which --resume reads:
     the sweep's racer must survive ray.cloudpickle with its arms, references and pool."""
@@ -211,9 +231,11 @@ def test_the_racer_pickles_for_tuner_pkl(tiny_bert, store):
     back = cloudpickle.loads(cloudpickle.dumps(racer(cfg, plan, "parent123")))
     full = next(i for i, label in plan.ray_ids.items() if label.startswith("full"))
     base = next(i for i, label in plan.ray_ids.items() if label == "base")
-    assert back.arms == list(plan.ray_ids) and sorted(back.references) == sorted([full, base])
+    assert back.arms == list(plan.ray_ids) and back.references == [full]  # base trains nothing: never re-seeded
+    assert base in back.arms
     assert back.pool == [0, 1, 2] and isinstance(back.open_arms, MlflowOpenArms)
     assert back.open_arms.parent_run_id == "parent123" and back.open_arms.margin == cfg.report.margin
+    assert back.open_arms.max_seeds == cfg.search.max_seeds
     assert back.open_arms.ids == {label: i for i, label in plan.ray_ids.items()}
 
 
