@@ -39,6 +39,16 @@ class Winner:
     reason: str
 
 
+def tie_pick(adapters, tied: list, metric: str, cost: str = "peak_mem"):
+    """The arm-table row `best` promotes from a validation tie set: the cheapest by `cost` (peak memory or
+    device-hours), then by trainable parameters, then the better validation mean. Seed racing races this arm
+    against the best one: which of the tied arms ships turns on them."""
+    best_first = record.metric_mode(metric) != "max"
+    column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
+    ties = adapters[adapters["arm"].isin(tied)]
+    return ties.sort_values([column, "trainable_params", "val_mean"], ascending=[True, True, best_first]).iloc[0]
+
+
 def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, cost: str = "peak_mem",
            memory_budget_gb: float | None = None, decision=None) -> Winner:
     """Pick the arm by validation metrics (test is for reporting, not picking), then its best seed's run.
@@ -56,9 +66,9 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
     against_full = decision.vs_full.get("val", {}) if decision is not None else {}
     column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
     if rule == "best" and len(tied) > 1:
-        ties = adapters[adapters["arm"].isin(tied)]
-        arm = ties.sort_values([column, "trainable_params", "val_mean"], ascending=[True, True, best_first]).iloc[0]
-        reason = (f"{len(ties)} arms tie within noise on {decision.split_rows.get('val', 0):,} validation rows "
+        arm = tie_pick(adapters, tied, metric, cost)
+        n_tied = int(adapters["arm"].isin(tied).sum())
+        reason = (f"{n_tied} arms tie within noise on {decision.split_rows.get('val', 0):,} validation rows "
                   f"(paired 95 % intervals vs the best, {decision.best['val']}, include 0; none trails it by more "
                   f"than the margin, {decision.margin:g}); picked the cheapest "
                   f"by {cost}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation import plots, verdicts
-from evaluation.runs import full_ft_arm, sweep_metric, trial_table
+from evaluation.runs import full_ft_arm, racing_spent, sweep_metric, trial_table
 from trainers import record
 from trainers.tracking import find_parent
 
@@ -198,9 +198,23 @@ def _verdict(r, split: str = "test", against: str = "vs_full") -> str:
     return judged.replace("_", "-") + (f": {settle}" if isinstance(settle, str) else "")
 
 
+def _racing_line(spent: dict | None) -> list[str]:
+    if not spent:
+        return []
+    grid = f" of the {spent['grid_trials']} that {spent['max_seeds']} seeds an arm would" if spent["grid_trials"] \
+        else ""
+    by_count: dict = {}
+    for arm, seeds in spent["seeds"].items():
+        by_count.setdefault(len(seeds), []).append(arm)
+    shown = "; ".join(f"{n} seed{'s' if n != 1 else ''}: {', '.join(sorted(arms))}"
+                      for n, arms in sorted(by_count.items(), reverse=True))
+    return [f"Seed racing ran {spent['trials']} trials{grid}, adding seeds only where the decision stayed open "
+            f"({shown}).", ""]
+
+
 def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: str,
              price_per_hour: float = 0.0, examples: pd.DataFrame | None = None, data: str | None = None,
-             decision=None) -> str:
+             decision=None, racing: dict | None = None) -> str:
     mem = table.attrs.get("memory_metric", "peak memory")
     unit, delta_unit = (" %", "pts") if record.metric_scale(metric) == 100 else ("", "")
     with_base = "base" in set(table["method"])
@@ -219,6 +233,7 @@ def markdown(table: pd.DataFrame, trials: pd.DataFrame, metric: str, sweep_id: s
     paired_ = decision is not None and bool(decision.vs_full.get("test"))
     opening = [f"**{verdicts.sentence(decision, table)}**", ""] if decision is not None else []
     lines = [f"## peftsweep report — {sweep_id}", "", *opening, *([f"Fitted on {data}.", ""] if data else []),
+             *_racing_line(racing),
              f"Test {metric}{unit or ''} ({better} is better), mean ± 95 % CI over seeds {seeds}; Δ is against the "
              + (f"full fine-tuning arm `{decision.full_arm}`, with its 95 % interval paired over the same "
                 f"{decision.split_rows.get('test', 0):,} test rows (and over seeds where several ran), and the "
@@ -383,7 +398,8 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)
     examples = examples_for(client, trials) if trials.get("task_type", pd.Series(dtype=str)).eq("sft").any() else None
-    md = markdown(table, trials, metric, sweep, price_per_hour, examples, data_of(parent), decision)
+    racing = racing_spent(parent, trials)
+    md = markdown(table, trials, metric, sweep, price_per_hour, examples, data_of(parent), decision, racing)
     (out / "report.md").write_text(md)
     images = [plots.pareto_png(table, metric, out / "pareto.png")]
     heat = plots.rank_modules_heatmap(table, metric, out / "heatmap_rank_modules.png")
@@ -394,7 +410,7 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
                "memory_metric": table.attrs.get("memory_metric"), "price_per_hour": price_per_hour,
                "margin": margin, "answer": verdicts.sentence(decision, table), "full_ft_arm": decision.full_arm,
                "best_val_arm": decision.best.get("val"), "val_tie_set": decision.ties.get("val", []),
-               "rows_compared": decision.split_rows, "not_compared": decision.notes,
+               "rows_compared": decision.split_rows, "not_compared": decision.notes, "racing": racing,
                "arms": json.loads(table.to_json(orient="records")),
                "trials": json.loads(trials.to_json(orient="records"))}
     (out / "report.json").write_text(json.dumps(payload, indent=1))

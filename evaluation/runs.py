@@ -60,3 +60,14 @@ def full_ft_arm(trials: pd.DataFrame, metric: str) -> str | None:
         return full["arm"].iloc[0]
     means = full.groupby("arm")[col].mean()
     return means.idxmax() if record.metric_mode(metric) == "max" else means.idxmin()
+
+
+def racing_spent(parent, trials: pd.DataFrame) -> dict | None:
+    """What seed racing spent (sweeps/racing.py): trials run against the grid of max_seeds seeds an arm it
+    replaced, and the seeds each arm got; None when the sweep did not race."""
+    if parent.data.params.get("racing") != "True":
+        return None
+    grid = parent.data.metrics.get("racing_grid_trials")
+    seeds = trials.groupby("arm")["seed"].apply(lambda s: sorted(int(x) for x in s.dropna()))
+    return {"trials": len(trials), "grid_trials": None if grid is None else int(grid),
+            "max_seeds": int(parent.data.params.get("max_seeds", 0)), "seeds": seeds.to_dict()}

@@ -37,7 +37,7 @@ class SearchConfig:
     # Seed racing (sweeps/racing.py): the first seed of every arm, then further seeds only for arms whose
     # verdict against full FT (or tie with the best arm) is still open. Rounds run one after another, so the
     # sweep waits at each round's slowest trial; it saves every seed a decided arm would have spent.
-    racing: bool = False
+    racing: bool = True  # a searcher that samples (random, optuna) cannot race: set it false there
     # racing: the most seeds an arm gets (search.seeds, then the next integers). The worst case, every arm
     # open to the end, costs arms x max_seeds trials: what the grid over that many seeds would.
     max_seeds: int = 3

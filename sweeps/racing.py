@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Optional
 
 from ray.tune.search import Searcher
 
+from evaluation.promote import tie_pick
+from evaluation.report import arm_table
 from evaluation.runs import trial_table
 from evaluation.verdicts import decide
 from trainers.tracking import client
@@ -35,12 +37,15 @@ def seed_pool(seeds: Iterable[int], max_seeds: int) -> list[int]:
     return pool
 
 
-def open_labels(decision, max_seeds: Optional[int] = None) -> set[str]:
+def open_labels(decision, max_seeds: Optional[int] = None, pick: Optional[str] = None) -> set[str]:
     """The adapter arms a decision leaves open on validation (what picks; test only reports) that seeds can
     still settle: the interval against full FT still holds -margin (`undecided`) and `max_seeds` seeds an arm
     could decide it (Comparison.seeds_to_decide, optimistic: with one seed, k seeds at best act as k times the
     rows), or the arm is tied with the best adapter while the tie set holds more than one arm (which of them
-    is best is open, and only seeds average out what one seed drew). An undecided arm no seed budget can
+    ships is open, and only seeds average out what one seed drew). With `pick`, the tied arm promotion would
+    ship (promote.tie_pick: the cheapest), only it and the best are open among the tied: the pick turns on
+    them, and should the pick drop out of the tie, the next round races the next cheapest. An undecided arm no
+    seed budget can
     settle is left to rows (the report says how many); a decided arm is settled either way. An arm without a
     finished run (failed, or pruned by ASHA) is in no comparison, so it is not open: another seed is not spent
     on it."""
@@ -55,7 +60,7 @@ def open_labels(decision, max_seeds: Optional[int] = None) -> set[str]:
            if c.verdict == "undecided" and seeds_can_settle(c)}
     ties = decision.ties.get("val", [])
     if len(ties) > 1:
-        out |= set(ties)
+        out |= {decision.best["val"], pick} if pick in ties else set(ties)
     return out & adapters
 
 
@@ -65,12 +70,13 @@ class MlflowOpenArms:
     Tune pickles the searcher, and with it this, into the experiment's tuner.pkl, which `--resume` reads."""
 
     def __init__(self, tracking, parent_run_id: str, metric: str, margin: float, labels: dict,
-                 max_seeds: Optional[int] = None):
+                 max_seeds: Optional[int] = None, cost: str = "peak_mem"):
         self.tracking = tracking  # trainers.config.TrackingConfig of the sweep
         self.parent_run_id = parent_run_id
         self.metric = metric  # bare task metric (accuracy, rougeL): the one the report decides by
         self.margin = margin
         self.max_seeds = max_seeds
+        self.cost = cost  # promote.cost: what makes a tied arm the one `best` ships
         self.ids = {label: ray_id for ray_id, label in labels.items()}  # plan label -> Ray arm id
 
     def __call__(self, completed) -> set[str]:
@@ -79,8 +85,12 @@ class MlflowOpenArms:
         if trials.empty:
             return set()
         decision = decide(c, trials, self.metric, self.margin)
-        return {self.ids[label] for label in open_labels(decision, getattr(self, "max_seeds", None))
-                if label in self.ids}
+        pick = None
+        if len(decision.ties.get("val", [])) > 1:
+            table = arm_table(trials, self.metric)
+            pick = tie_pick(table[table["arm"].isin(decision.adapters)], decision.ties["val"], self.metric,
+                            self.cost)["arm"]
+        return {self.ids[label] for label in open_labels(decision, self.max_seeds, pick) if label in self.ids}
 
 
 class SeedRacer(Searcher):
@@ -211,7 +221,7 @@ def racer(cfg, plan, parent_run_id: str) -> SeedRacer:
     # untrained head scores chance at every seed), so a further seed of it buys no comparison.
     references = [ray_id for ray_id in ids if plan.trial_dict(ray_id, pool[0])["method"]["name"] == "full"]
     judge = MlflowOpenArms(cfg.trial.tracking, parent_run_id, cfg.trial.task.metric, cfg.report.margin, ids,
-                           cfg.search.max_seeds)
+                           cfg.search.max_seeds, cfg.promote.cost)
     return SeedRacer(list(ids), references, pool, judge, patience_s=cfg.trial.tracking.outage_timeout_s)
 
 

@@ -112,7 +112,7 @@ def test_asha_accepts_an_eval_interval_the_space_sets():
 
 
 def test_the_baseline_draws_nothing_so_its_label_shows_its_own_values():
-    plan = build_plan(load(["+search.space.train.lr={loguniform:[1e-4,1e-2]}"]))
+    plan = build_plan(load(["+search.space.train.lr={loguniform:[1e-4,1e-2]}", "search.racing=false"]))
     assert "full-lr0.0001" in plan.order
     assert all(a.endswith("-lr~") for a in plan.order if a.startswith("lora"))
     trial = plan.trial_dict("full-lr0.0001", 0, {"train.lr": 5e-3})
@@ -149,3 +149,34 @@ def test_a_full_ft_arm_that_fits_no_single_gpu_is_planned_on_the_fewest_workers_
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if full.arm in line)
     assert "4 x fsdp" in row and f"({full.predicted_gpu_gb:.1f})" in row
+
+
+def _resolves(line: str) -> float:
+    return float(line.split("resolve a difference of ")[1].split(" ")[0])
+
+
+def test_plan_sizes_the_shipped_classification_task_to_two_points_paired_and_warns_at_a_narrower_margin(capsys):
+    """The default task's validation and test rows resolve a 2-point difference between close arms (paired, at
+    the spread measured between its arms); plan says so, and that the ±1 margin needs more rows than that."""
+    assert main(["plan"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sizing:")]
+    assert [ln.split()[1] for ln in lines] == ["validation", "test"]
+    assert all(_resolves(ln) <= 2.0 and "2,000 rows" in ln for ln in lines), lines
+    assert all("wider than the margin ±1" in ln for ln in lines)
+    assert main(["plan", "report.margin=2"]) == 0
+    assert not any("wider than the margin" in ln for ln in capsys.readouterr().out.splitlines())
+
+
+def test_plan_sizing_narrows_with_rows_and_counts_pairing():
+    from evaluation.verdicts import sizing
+
+    task = load([]).trial.task
+    wide = sizing(task, "accuracy", 1.0)
+    task.validation_size = 8000
+    assert _resolves(sizing(task, "accuracy", 1.0)[0]) == pytest.approx(_resolves(wide[0]) / 2, abs=0.06)
+    independent = float(wide[0].split(" counting rows as independent")[0].split()[-1])
+    assert independent > 2 * _resolves(wide[0])  # close arms err on the same rows: pairing more than halves it
+    sft = load(["task=bbc_headlines", "model=smollm2_135m", "search=sft"]).trial.task
+    lines = sizing(sft, "rougeL", 1.0)
+    assert "50 rows" in lines[0] and _resolves(lines[0]) > 3  # generation scores only generation_rows
+    assert sizing(task, "loss", 1.0)[0].startswith("sizing: loss is scored over the whole split")

@@ -217,6 +217,17 @@ def test_an_undecided_arm_is_raced_only_while_seeds_can_settle_it():
     assert open_labels(d, max_seeds=3) == {"near", "far", "corpus"}  # a tie is open whatever the rows say
 
 
+def test_among_tied_arms_only_the_best_and_the_one_promotion_would_ship_are_raced():
+    from evaluation.verdicts import Comparison, Decision
+
+    d = Decision("accuracy", 1.0, full_arm="full", adapters=["r4", "r8", "r16", "qv"])
+    d.vs_full["val"] = {a: Comparison(a, "full", 0.0, -0.5, 0.5, "equivalent", "rows") for a in d.adapters}
+    d.best["val"], d.ties["val"] = "r8", ["r8", "r16", "r4"]
+    assert open_labels(d, 3, pick="r4") == {"r8", "r4"}  # r16 changes what ships only if r4 drops out
+    assert open_labels(d, 3, pick="r8") == {"r8"}  # the best is also the cheapest: one arm to race
+    assert open_labels(d, 3) == {"r8", "r16", "r4"}  # no pick known: every tied arm
+
+
 def test_the_racer_pickles_for_tuner_pkl(tiny_bert, store):
     """Tune pickles the searcher (and the driver's open-arm judge with it) into tuner.pkl, which --resume reads:
     the sweep's racer must survive ray.cloudpickle with its arms, references and pool."""
@@ -263,7 +274,9 @@ def test_racing_off_still_accepts_the_same_settings(capsys):
 
 def test_plan_prints_the_worst_case_under_racing(capsys):
     assert main(["plan", "search=tiny", "search.racing=true", "search.max_seeds=2"]) == 0
-    assert "at most 6 trials (3 arms x 2)" in capsys.readouterr().out
+    assert "at most 6 trials (3 arms x 2); 3 if the first round settles every arm" in capsys.readouterr().out
+    assert main(["plan", "search=tiny", "search.racing=true", "search.max_seeds=2", "+search.base_arm=true"]) == 0
+    assert "at most 7 trials (3 arms x 2 + the base arm once)" in capsys.readouterr().out  # base trains nothing
 
 
 @pytest.mark.slow
@@ -310,5 +323,14 @@ def test_a_racing_sweep_adds_seeds_only_where_the_decision_is_open(tiny_bert, st
     assert parent.data.params["racing"] == "True" and parent.data.params["max_seeds"] == "2"
     assert parent.data.params["n_trials"] == "6"
     assert parent.data.metrics["racing_trials"] == len(children) == sum(map(len, seeds.values()))
+
+    # the report says what racing spent against the grid it replaced, and which arms got which seeds
+    from evaluation.report import build_report
+
+    rep = build_report(c, "peftsweep", out_dir=str(store["dir"] / "reports"), log_to_mlflow=False)
+    spent = rep["json"]["racing"]
+    assert spent["trials"] == len(children) and spent["grid_trials"] == 6 and spent["max_seeds"] == 2
+    assert spent["seeds"] == {arm: sorted(s) for arm, s in seeds.items()}
+    assert f"Seed racing ran {len(children)} trials of the 6 that 2 seeds an arm would" in rep["markdown"]
     assert parent.data.metrics["racing_grid_trials"] == 6
     assert parent.info.status == "FINISHED"

@@ -66,7 +66,7 @@ def test_ray_param_space_matches_the_expansion():
 def test_sampled_domain_reaches_the_trial():
     from ray.tune.search.variant_generator import generate_variants
 
-    cfg = load(["+search.space.train.lr={loguniform:[1e-4,1e-2]}", "search.full_ft_arm=false"])
+    cfg = load(["+search.space.train.lr={loguniform:[1e-4,1e-2]}", "search.full_ft_arm=false", "search.racing=false"])
     base = trial_dict(cfg)
     plan = build_plan(cfg)
     assert all(arm.endswith("-lr~") for arm in plan.order)  # the plan cannot know the drawn value
