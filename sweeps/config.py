@@ -40,7 +40,7 @@ class SearchConfig:
     racing: bool = True  # a searcher that samples (random, optuna) cannot race: set it false there
     # racing: the most seeds an arm gets (search.seeds, then the next integers). The worst case, every arm
     # open to the end, costs arms x max_seeds trials: what the grid over that many seeds would.
-    max_seeds: int = 3
+    max_seeds: int = 2
 
     def __post_init__(self) -> None:
         if not self.seeds:

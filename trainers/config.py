@@ -85,7 +85,7 @@ class TaskConfig:
     split_seed: int = 0  # fixes the train/validation/test partition independently of the training seed
     test_size: int = 2000
     validation_size: int = 2000  # selection set: ~1.9 points resolved between close arms; a pass costs ~13 s on 1 thread
-    train_size: Optional[int] = 1000  # None = every remaining row; time grows linearly with it
+    train_size: Optional[int] = 2000  # None = every remaining row; time grows linearly with it
     max_length: int = 64  # tokens; attention cost grows quadratically, activations linearly
     # The headline metric the report and promotion rank by; loss/perplexity rank lower-better. One the task
     # type produces (record.TASK_METRICS): classification accuracy | macro_f1 | loss (causal_lm_sft also
