@@ -61,7 +61,7 @@ def _as_seed_rows(x) -> np.ndarray:
 
 def paired_diff_ci(a_rows, b_rows, *, seeds_a: Optional[Sequence] = None, seeds_b: Optional[Sequence] = None,
                    pair_seeds: bool = True, n_resamples: int = 2000, confidence: float = 0.95, rng=None,
-                   method: str = "percentile") -> PairedDiff:
+                   method: str = "percentile", pooled: Optional[tuple] = None) -> PairedDiff:
     """The mean difference a - b over the same rows, with its interval.
 
     `a_rows`, `b_rows`: per-row scores, [n_rows] (one seed) or [n_seeds, n_rows], the columns lined up by row
@@ -87,11 +87,28 @@ def paired_diff_ci(a_rows, b_rows, *, seeds_a: Optional[Sequence] = None, seeds_
     same sweeps. An arm with one seed adds no seed noise (none can be estimated from it). With 3 seeds that
     move an arm by ~2 points, a difference's interval is ~10 (independent) to ~13 (paired) points wide:
     seeds, not rows, are then what narrows it (`rows_to_decide` with the seed count).
+
+    `pooled` (`pooled_seed_noise` of the sweep's arms against the same reference): the seed part of the
+    variance as every arm's seeds show it together, with their summed degrees of freedom, in place of this
+    pair's own. With 2 seeds an arm, one pair's seed part rests on 1 degree of freedom, and its interval runs
+    ~12x the seed spread wide (a t quantile at 1 df): a raced sweep's arms at 2 seeds read +-18 points where
+    one seed read +-5. Seeds move arms of one model, task and data alike, so the sweep pools them (a mixed
+    model's homogeneous seed variance). The pair is compared at the seeds both ran (an arm raced to fewer
+    seeds than its reference is paired at its own), and an arm at one seed then counts the seed noise the
+    others measured, which a one-seed interval cannot.
     """
     a, b = _as_seed_rows(a_rows), _as_seed_rows(b_rows)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a scores {a.shape[1]} rows and b {b.shape[1]}: line them up by row id first")
     n_rows = a.shape[1]
+    if pooled is not None and seeds_a is not None and seeds_b is not None:
+        index_a, index_b = common_seeds(seeds_a, seeds_b)
+        if index_a:
+            d = a[index_a] - b[index_b]
+            mean = float(d.mean())
+            low, high, se = _pivot_interval(d, mean, confidence, _generator(rng), pooled)
+            return PairedDiff(mean, low, high, se, confidence, n_rows, (len(index_a), len(index_a)),
+                              "rows and seeds (seed noise pooled over the sweep's arms)", "generalized pivot, pooled")
     mean = float(a.mean() - b.mean())
     if a.shape[0] == b.shape[0] == 1:
         return _bootstrap_rows(a[0], b[0], mean, n_resamples, confidence, _generator(rng), method)
@@ -117,14 +134,17 @@ def paired_diff_ci(a_rows, b_rows, *, seeds_a: Optional[Sequence] = None, seeds_
 _PIVOT_DRAWS = 20_000
 
 
-def _pivot_interval(d: np.ndarray, mean: float, confidence: float,
-                    rng: np.random.Generator) -> tuple[float, float, float]:
+def _pivot_interval(d: np.ndarray, mean: float, confidence: float, rng: np.random.Generator,
+                    pooled: Optional[tuple] = None) -> tuple[float, float, float]:
     """(low, high, se) of the mean of a seeds x rows table of paired differences: its variance is (seed less
     interaction mean square, at least 0, plus row mean square) / (seeds x rows); each mean square is drawn as
     ms x df / chi2(df), and the interval is the quantiles of mean - Z x sqrt(variance drawn), Z standard
-    normal."""
+    normal. `pooled`: (seed ms, its df, interaction ms, its df) measured over several arms, in place of d's."""
     r, c = d.shape
     ms_seeds, ms_rows, ms_inter = _crossed_ms(d)
+    df_seeds, df_inter = r - 1, (r - 1) * (c - 1)
+    if pooled is not None:
+        ms_seeds, df_seeds, ms_inter, df_inter = pooled
     se = math.sqrt((max(ms_seeds - ms_inter, 0.0) + ms_rows) / d.size)
 
     def drawn(ms: float, df: float) -> np.ndarray:
@@ -132,12 +152,36 @@ def _pivot_interval(d: np.ndarray, mean: float, confidence: float,
 
     # only the sum is kept from going below 0: holding the seed component itself at 0 or above widened the
     # interval past 97 % coverage wherever seeds move arms little
-    drawn_sum = drawn(ms_seeds, r - 1) - drawn(ms_inter, (r - 1) * (c - 1)) + drawn(ms_rows, c - 1)
+    drawn_sum = drawn(ms_seeds, df_seeds) - drawn(ms_inter, df_inter) + drawn(ms_rows, c - 1)
     variance = np.maximum(drawn_sum, 0.0) / d.size
     pivots = mean - rng.standard_normal(_PIVOT_DRAWS) * np.sqrt(variance)
     tail = (1 - confidence) / 2
     low, high = np.quantile(pivots, [tail, 1 - tail])
     return float(low), float(high), se
+
+
+def common_seeds(seeds_a: Sequence, seeds_b: Sequence) -> tuple[list[int], list[int]]:
+    """Positions in a's and in b's seed lists of the seed values both ran, in a's order."""
+    seeds_b = list(seeds_b)
+    pairs = [(i, seeds_b.index(s)) for i, s in enumerate(seeds_a) if s in seeds_b]
+    return [i for i, _ in pairs], [j for _, j in pairs]
+
+
+def pooled_seed_noise(tables: Sequence[np.ndarray]) -> Optional[tuple]:
+    """(seed ms, df, interaction ms, df) pooled over seeds x rows tables of paired differences (each arm
+    against one reference at the seeds both ran, all over the same rows): each table's sums of squares and
+    degrees of freedom added up; None when no table has two seeds (nothing to pool)."""
+    ss_seeds = ss_inter = df_seeds = df_inter = 0.0
+    for d in tables:
+        r, c = d.shape
+        if r < 2:
+            continue
+        ms_seeds, _, ms_inter = _crossed_ms(d)
+        ss_seeds, df_seeds = ss_seeds + ms_seeds * (r - 1), df_seeds + (r - 1)
+        ss_inter, df_inter = ss_inter + ms_inter * (r - 1) * (c - 1), df_inter + (r - 1) * (c - 1)
+    if not df_seeds:
+        return None
+    return ss_seeds / df_seeds, df_seeds, ss_inter / df_inter, df_inter
 
 
 def _crossed_ms(x: np.ndarray) -> tuple[float, float, float]:

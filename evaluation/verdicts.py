@@ -107,7 +107,7 @@ def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_
 def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> tuple[str, Optional[float]]:
     """About what would decide an undecided comparison (rows with one seed an arm, else seeds), and the
     seeds an arm that would, at best (Comparison.seeds_to_decide)."""
-    one_seed = diff.n_seeds == (1, 1)
+    one_seed = diff.n_seeds == (1, 1) and "pooled" not in diff.method  # pooled: seed noise counts, seeds settle
     n = diff.n_rows if one_seed else min(diff.n_seeds)
     needed = paired.rows_to_decide(diff.se, diff.mean, margin / scale, n, mode=mode)
     if needed is None:
@@ -116,9 +116,21 @@ def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> 
     return f"about {needed:,} {unit} (now {n:,})", (needed / n if one_seed else float(needed))
 
 
+def pooled_against(rows: dict, seeds: dict, reference: str) -> Optional[tuple]:
+    """The seed noise of every arm's difference from `reference` at the seeds both ran, pooled
+    (paired.pooled_seed_noise); None while no arm shares two seeds with it."""
+    tables = []
+    for arm, x in rows.items():
+        if arm != reference and arm in seeds and reference in seeds:
+            index_a, index_b = paired.common_seeds(seeds[arm], seeds[reference])
+            tables.append(x[index_a] - rows[reference][index_b])
+    return paired.pooled_seed_noise(tables)
+
+
 def _compare(rows: dict, seeds: dict, reference: str, margin: float, mode: str, scale: float) -> dict:
     out = {}
-    for arm, diff in paired.compare_to(rows, reference, seeds=seeds).items():
+    pooled = pooled_against(rows, seeds, reference)
+    for arm, diff in paired.compare_to(rows, reference, seeds=seeds, pooled=pooled).items():
         judged = paired.verdict(diff.low * scale, diff.high * scale, margin, mode)
         settle, seeds_needed = _settle(diff, margin, mode, scale) if judged == "undecided" else (None, None)
         out[arm] = Comparison(arm, reference, diff.mean * scale, diff.low * scale, diff.high * scale, judged,

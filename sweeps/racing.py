@@ -82,6 +82,10 @@ class MlflowOpenArms:
     def __call__(self, completed) -> set[str]:
         c = client(self.tracking)
         trials = trial_table(c, c.get_run(self.parent_run_id))
+        return {self.ids[label] for label in self.open_of(c, trials) if label in self.ids}
+
+    def open_of(self, c, trials) -> set[str]:
+        """The arm labels still open, judged from these runs (a trial table of the sweep)."""
         if trials.empty:
             return set()
         decision = decide(c, trials, self.metric, self.margin)
@@ -90,14 +94,16 @@ class MlflowOpenArms:
             table = arm_table(trials, self.metric)
             pick = tie_pick(table[table["arm"].isin(decision.adapters)], decision.ties["val"], self.metric,
                             self.cost)["arm"]
-        return {self.ids[label] for label in open_labels(decision, self.max_seeds, pick) if label in self.ids}
+        return open_labels(decision, self.max_seeds, pick)
 
 
 class SeedRacer(Searcher):
     """Proposes (arm, seed) trials in rounds. Round 1: every arm at the pool's first seed, in `arms` order (the
     plan's start order). Each later round: every open adapter arm at its next untried seed, and each reference
     arm (full FT, base) at every seed an adapter gets, so comparisons stay paired by seed. The race ends
-    (Searcher.FINISHED) when no open arm has a seed left to try. A trial that errored or was stopped counts as
+    (Searcher.FINISHED) when no open arm has a seed left to try, or after as many rounds as the pool has seeds
+    (an arm first open in the last round keeps the seeds it has: the wall time stays at most max_seeds
+    rounds, whatever the race finds). A trial that errored or was stopped counts as
     run: its seed is not tried again (Ray's own retries, cluster.max_failures, happen before it completes).
 
     `open_arms(completed)`: the Ray arm ids still open, given the (arm, seed) pairs completed so far. Should it
@@ -185,6 +191,11 @@ class SeedRacer(Searcher):
             self._retry_at = now + self.retry_s
             return False
         self._failing_since = None
+        if self._round >= len(self.pool):  # a round a seed of the pool: the wall time is max_seeds rounds at most
+            if self.verbose:
+                print(f"seed racing: round {self._round} done; search.max_seeds={len(self.pool)} rounds run"
+                      + (f" ({', '.join(sorted(open_))} still open)" if open_ else ""), flush=True)
+            return True
         new = [(arm, self._next_seed(arm)) for arm in self.arms if arm in open_]
         new = [(arm, seed) for arm, seed in new if seed is not None]  # at max_seeds: the budget is spent
         seeds = {seed for _, seed in new}

@@ -236,3 +236,33 @@ def test_seeds_to_decide_is_the_rows_needed_over_the_rows_there_with_one_seed_an
     assert many.seeds_to_decide == int(many.settle.split("about ")[1].split(" seeds")[0].replace(",", ""))
     decided = _compare({"full": full[None], "arm": full[None]}, {}, "full", 1.0, "max", 100)["arm"]
     assert decided.verdict != "undecided" and decided.seeds_to_decide is None and decided.settle is None
+
+
+def test_seed_noise_pooled_over_a_sweeps_arms_covers_at_two_seeds_and_is_far_narrower_than_one_pairs():
+    """A raced sweep's arms at 2 seeds: one pair's seed part has 1 degree of freedom and its interval runs
+    wide; pooled over the arms (seeds move them alike) it covers the truth as often and is far narrower. An arm
+    at one seed, paired with the reference at that seed, then counts the seed noise the others measured."""
+    from evaluation.paired import pooled_seed_noise
+
+    rng = np.random.default_rng(6)
+    accuracies = (0.78, 0.77, 0.775, 0.785, 0.77, 0.78)  # the reference is the last
+    arms = _sweep(rng, accuracies, rows=500, seeds=2, seed_sd=0.1, shared_seed_sd=0.05)
+    ref = arms[-1]
+    pooled_iv, own_iv, one_seed_iv = [], [], []
+    for i in range(DRAWS):
+        pool = pooled_seed_noise([arm[i] - ref[i] for arm in arms[:-1]])
+        pooled_iv.append(paired_diff_ci(arms[0][i], ref[i], seeds_a=[0, 1], seeds_b=[0, 1], rng=rng, pooled=pool))
+        one_seed_iv.append(paired_diff_ci(arms[0][i][:1], ref[i], seeds_a=[0], seeds_b=[0, 1], rng=rng, pooled=pool))
+        if i < 300:
+            own_iv.append(paired_diff_ci(arms[0][i], ref[i], seeds_a=[0, 1], seeds_b=[0, 1], rng=rng))
+    truth = accuracies[0] - accuracies[-1]
+    assert 0.93 <= _coverage(pooled_iv, truth) <= 0.97, _coverage(pooled_iv, truth)
+    assert 0.93 <= _coverage(one_seed_iv, truth) <= 0.98, _coverage(one_seed_iv, truth)
+    assert {d.pairing for d in pooled_iv} == {"rows and seeds (seed noise pooled over the sweep's arms)"}
+    assert {d.n_seeds for d in one_seed_iv} == {(1, 1)}  # paired at the seed both ran
+    width = lambda ivs: np.median([d.high - d.low for d in ivs])  # noqa: E731
+    assert width(pooled_iv) < 0.5 * width(own_iv), (width(pooled_iv), width(own_iv))
+    # rows alone, one seed an arm, miss the seed noise the pool counts
+    rows_only = [paired_diff_ci(arms[0][i][0], ref[i][0], n_resamples=200, rng=rng) for i in range(300)]
+    assert _coverage(rows_only, truth) < _coverage(one_seed_iv, truth) - 0.05
+    assert pooled_seed_noise([arms[0][0][:1] - ref[0][:1]]) is None  # one seed: nothing to pool

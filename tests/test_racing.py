@@ -97,6 +97,18 @@ def test_no_arm_gets_more_than_max_seeds_and_the_race_then_finishes():
     assert len(judge.asked) == 3  # after rounds 1, 2 and 3; the third answer finds no seed left
 
 
+def test_the_race_runs_at_most_as_many_rounds_as_the_pool_has_seeds():
+    """Wall time is rounds: an arm first open after the last round keeps its seeds, though it has one untried."""
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1], Judge({"arm02"}, {"arm03"}), verbose=False)
+    first = _take(racer)
+    _complete(racer, first)
+    second = _take(racer, start=100)
+    assert sorted(second.values()) == [("arm01", 1), ("arm02", 1)]
+    _complete(racer, second)
+    assert racer.suggest("t-last") == SeedRacer.FINISHED  # arm03 open now, but 2 rounds of a 2-seed pool ran
+    assert ("arm03", 1) not in racer.completed
+
+
 def test_finished_when_no_arm_is_open():
     judge = Judge(set())
     racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], judge, verbose=False)
@@ -285,6 +297,7 @@ def test_a_racing_sweep_adds_seeds_only_where_the_decision_is_open(tiny_bert, st
 
     from evaluation.runs import trial_table
     from evaluation.verdicts import decide
+    from sweeps.racing import MlflowOpenArms
 
     proc = subprocess.run([str(BIN / "peftsweep"), "sweep", "search=tiny", "search.racing=true",
                            "search.max_seeds=2", "train.max_steps=3", *tiny_overrides(tiny_bert, store)],
@@ -307,7 +320,8 @@ def test_a_racing_sweep_adds_seeds_only_where_the_decision_is_open(tiny_bert, st
     first = table[table["seed"] == 0]
     decision = decide(c, first, "accuracy", 1.0)  # report.margin's default
     assert decision.vs_full.get("val"), "the first round must yield validation comparisons"
-    expected = open_labels(decision)
+    expected = MlflowOpenArms(None, parent.info.run_id, "accuracy", 1.0, {}, max_seeds=2).open_of(c, first)
+    assert expected <= open_labels(decision)  # the budget and the pick only ever narrow what is open
     if expected:
         expected.add(decision.full_arm)
     assert {arm for arm, s in seeds.items() if 1 in s} == expected
