@@ -143,6 +143,7 @@ def test_the_report_answers_with_paired_intervals_and_verdicts_recomputed_from_t
     import numpy as np
 
     from evaluation import paired
+    from evaluation.verdicts import pooled_against
     from trainers.tracking import load_row_scores
 
     store = tiny_sweep
@@ -157,12 +158,16 @@ def test_the_report_answers_with_paired_intervals_and_verdicts_recomputed_from_t
     rows = {arm: [load_row_scores(c, r.info.run_id, "test") for r in sorted(rs, key=lambda r: r.data.params["seed"])]
             for arm, rs in runs.items()}
     assert len({r.data.params[record.row_ids_hash_param("test")] for r in children}) == 1  # one set of rows
+    # every arm ran both seeds: the seed noise is pooled over the adapters' differences from full FT
+    matrices = {arm: paired.row_matrix(frames)[1] for arm, frames in rows.items()}
+    seeds = {arm: [0, 1] for arm in matrices}
+    pooled = pooled_against(matrices, seeds, full)
+    assert pooled is not None and pooled[1] == len(matrices) - 1  # a degree of freedom per adapter
     for arm in data["arms"]:
         if arm["method"] == "full":
             continue
-        _, a = paired.row_matrix(rows[arm["arm"]])
-        _, b = paired.row_matrix(rows[full])
-        diff = paired.paired_diff_ci(a, b, seeds_a=[0, 1], seeds_b=[0, 1])
+        a, b = matrices[arm["arm"]], matrices[full]
+        diff = paired.paired_diff_ci(a, b, seeds_a=[0, 1], seeds_b=[0, 1], pooled=pooled)
         assert arm["test_vs_full_mean"] == pytest.approx(100 * diff.mean, abs=1e-9)
         assert arm["test_vs_full_low"] == pytest.approx(100 * diff.low, abs=1e-6)
         assert arm["test_vs_full_high"] == pytest.approx(100 * diff.high, abs=1e-6)
