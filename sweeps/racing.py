@@ -45,10 +45,9 @@ def open_labels(decision, max_seeds: Optional[int] = None, pick: Optional[str] =
     ships is open, and only seeds average out what one seed drew). With `pick`, the tied arm promotion would
     ship (promote.tie_pick: the cheapest), only it and the best are open among the tied: the pick turns on
     them, and should the pick drop out of the tie, the next round races the next cheapest. An undecided arm no
-    seed budget can
-    settle is left to rows (the report says how many); a decided arm is settled either way. An arm without a
-    finished run (failed, or pruned by ASHA) is in no comparison, so it is not open: another seed is not spent
-    on it."""
+    seed budget can settle is left to rows (the report says how many); a decided arm is settled either way.
+    An arm without a finished run (failed, or pruned by ASHA) is in no comparison, so it is not open: another
+    seed is not spent on it."""
     adapters = set(decision.adapters)
 
     def seeds_can_settle(c) -> bool:
@@ -100,7 +99,7 @@ class MlflowOpenArms:
 class SeedRacer(Searcher):
     """Proposes (arm, seed) trials in rounds. Round 1: every arm at the pool's first seed, in `arms` order (the
     plan's start order). Each later round: every open adapter arm at its next untried seed, and each reference
-    arm (full FT, base) at every seed an adapter gets, so comparisons stay paired by seed. The race ends
+    arm (full FT) at every seed an adapter gets, so comparisons stay paired by seed. The race ends
     (Searcher.FINISHED) when no open arm has a seed left to try, or after as many rounds as the pool has seeds
     (an arm first open in the last round keeps the seeds it has: the wall time stays at most max_seeds
     rounds, whatever the race finds). A trial that errored or was stopped counts as
