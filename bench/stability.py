@@ -43,7 +43,7 @@ def sweeps_by_first_seed(client, experiment: str, overrides: list[str]) -> dict[
 def judge(client, parent, margin: float) -> dict:
     """What report and promote say of one sweep: champion, validation tie set, test verdicts vs full FT."""
     from evaluation.promote import choose
-    from evaluation.runs import sweep_metric, trial_table
+    from evaluation.runs import seeds_by_arm, sweep_metric, trial_table
     from evaluation.verdicts import ADAPTER_METHODS_EXCLUDED, decide
 
     trials = trial_table(client, parent)
@@ -51,10 +51,9 @@ def judge(client, parent, margin: float) -> dict:
     decision = decide(client, trials, metric, margin)
     winner = choose(trials, metric, "best", decision=decision)
     adapters = sorted(set(trials[~trials["method"].isin(ADAPTER_METHODS_EXCLUDED)]["arm"]))
-    seeds = trials.groupby("arm")["seed"].apply(lambda s: sorted(int(x) for x in s))
     return {"sweep": parent.data.params["sweep_id"], "trials": len(trials), "champion": winner.arm["arm"],
             "reason": winner.reason, "ties": decision.ties.get("val", []), "vs_full": decision.vs_full.get("test", {}),
-            "adapters": adapters, "seeds": seeds.to_dict(), "metric": metric}
+            "adapters": adapters, "seeds": seeds_by_arm(trials), "metric": metric}
 
 
 def main(argv=None) -> int:

@@ -68,6 +68,10 @@ def racing_spent(parent, trials: pd.DataFrame) -> dict | None:
     if parent.data.params.get("racing") != "True":
         return None
     grid = parent.data.metrics.get("racing_grid_trials")
-    seeds = trials.groupby("arm")["seed"].apply(lambda s: sorted(int(x) for x in s.dropna()))
     return {"trials": len(trials), "grid_trials": None if grid is None else int(grid),
-            "max_seeds": int(parent.data.params.get("max_seeds", 0)), "seeds": seeds.to_dict()}
+            "max_seeds": int(parent.data.params.get("max_seeds", 0)), "seeds": seeds_by_arm(trials)}
+
+
+def seeds_by_arm(trials: pd.DataFrame) -> dict:
+    """{arm: the seeds its trials ran, sorted}."""
+    return trials.groupby("arm")["seed"].apply(lambda s: sorted(int(x) for x in s.dropna())).to_dict()

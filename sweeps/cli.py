@@ -86,7 +86,7 @@ def cmd_plan(args) -> int:
         print(f"\nPacking: GPU shares sum to {sum(shares):.2f}; at least {per_gpu} of the largest trials fit one GPU "
               f"({cfg.cluster.gpu_memory_gb or 'local'} GB x {cfg.cluster.gpu_headroom} headroom).")
     if cfg.search.racing:
-        from sweeps.racing import worst_case
+        from sweeps.plan import worst_case
 
         most = worst_case(cfg, plan)
         shape = (f"{len(plan.arms)} arms x {cfg.search.max_seeds}" if most == len(plan.arms) * cfg.search.max_seeds

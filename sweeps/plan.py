@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from sweeps import space
 from sweeps.config import SweepConfig, racing_problem, trial_dict
@@ -311,3 +312,23 @@ def _unique(labels: list[str]) -> list[str]:
         seen[label] = seen.get(label, 0) + 1
         out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
     return out
+
+
+def seed_pool(seeds: Iterable[int], max_seeds: int) -> list[int]:
+    """The seeds an arm may get, in the order it gets them: search.seeds as listed, then the integers after
+    the last one (skipping any already listed), up to `max_seeds`."""
+    pool = list(dict.fromkeys(int(s) for s in seeds))[:max_seeds]
+    nxt = pool[-1] + 1
+    while len(pool) < max_seeds:
+        if nxt not in pool:
+            pool.append(nxt)
+        nxt += 1
+    return pool
+
+
+def worst_case(cfg: SweepConfig, plan: Plan) -> int:
+    """The trials a race can spend at most: every arm at max_seeds (the grid racing replaces), but the base arm
+    once (it is never re-seeded)."""
+    pool = seed_pool(cfg.search.seeds, cfg.search.max_seeds)
+    base = sum(plan.trial_dict(ray_id, pool[0])["method"]["name"] == "base" for ray_id in plan.ray_ids)
+    return (len(plan.arms) - base) * cfg.search.max_seeds + base

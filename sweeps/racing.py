@@ -22,19 +22,8 @@ from evaluation.promote import tie_pick
 from evaluation.report import arm_table
 from evaluation.runs import trial_table
 from evaluation.verdicts import decide
+from sweeps.plan import seed_pool
 from trainers.tracking import client
-
-
-def seed_pool(seeds: Iterable[int], max_seeds: int) -> list[int]:
-    """The seeds an arm may get, in the order it gets them: search.seeds as listed, then the integers after
-    the last one (skipping any already listed), up to `max_seeds`."""
-    pool = list(dict.fromkeys(int(s) for s in seeds))[:max_seeds]
-    nxt = pool[-1] + 1
-    while len(pool) < max_seeds:
-        if nxt not in pool:
-            pool.append(nxt)
-        nxt += 1
-    return pool
 
 
 def open_labels(decision, max_seeds: Optional[int] = None, pick: Optional[str] = None) -> set[str]:
@@ -233,14 +222,6 @@ def racer(cfg, plan, parent_run_id: str) -> SeedRacer:
     judge = MlflowOpenArms(cfg.trial.tracking, parent_run_id, cfg.trial.task.metric, cfg.report.margin, ids,
                            cfg.search.max_seeds, cfg.promote.cost)
     return SeedRacer(list(ids), references, pool, judge, patience_s=cfg.trial.tracking.outage_timeout_s)
-
-
-def worst_case(cfg, plan) -> int:
-    """The trials a race can spend at most: every arm at max_seeds (the grid racing replaces), but the base arm
-    once (it is never re-seeded)."""
-    pool = seed_pool(cfg.search.seeds, cfg.search.max_seeds)
-    base = sum(plan.trial_dict(ray_id, pool[0])["method"]["name"] == "base" for ray_id in plan.ray_ids)
-    return (len(plan.arms) - base) * cfg.search.max_seeds + base
 
 
 def log_spent(c, parent_run_id: str, spent: int, worst: int) -> None:

@@ -220,7 +220,7 @@ def _param_space(cfg: SweepConfig, plan: Plan) -> dict:
 def _planned_trials(cfg: SweepConfig, plan: Plan) -> int:
     """The trials the sweep runs, or under racing the most it can (every arm at max_seeds)."""
     if cfg.search.racing:
-        from sweeps.racing import worst_case
+        from sweeps.plan import worst_case
 
         return worst_case(cfg, plan)
     return len(plan.trials)
