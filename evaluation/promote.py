@@ -39,22 +39,36 @@ class Winner:
     reason: str
 
 
-def tie_pick(adapters, tied: list, metric: str, cost: str = "peak_mem"):
-    """The arm-table row `best` promotes from a validation tie set: the cheapest by `cost` (peak memory or
-    device-hours), then by trainable parameters, then the better validation mean. Seed racing races this arm
-    against the best one: which of the tied arms ships turns on them."""
+def tie_pick(adapters, shippable: list, metric: str, cost: str = "peak_mem"):
+    """The arm-table row `best` promotes: of the best arm and the tied arms shown within the margin of it
+    (verdicts.shown_within), the cheapest by `cost` (peak memory or device-hours), then by trainable
+    parameters, then the better validation mean."""
     best_first = record.metric_mode(metric) != "max"
     column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
-    ties = adapters[adapters["arm"].isin(tied)]
+    ties = adapters[adapters["arm"].isin(shippable)]
     return ties.sort_values([column, "trainable_params", "val_mean"], ascending=[True, True, best_first]).iloc[0]
+
+
+def _tie_reason(decision, n_tied: int, shippable: list, cost: str) -> str:
+    noise = decision.seed_noise.get("val")
+    counted = (f"rows and seeds counted (seed noise measured over the sweep's arms, {noise.df:g} df)"
+               if noise is not None and noise.source == "measured" else "rows counted, one seed an arm")
+    head = (f"{n_tied} arms tie with the best, {decision.best['val']}, within noise on "
+            f"{decision.split_rows.get('val', 0):,} validation rows (paired 95 % intervals of the difference "
+            f"include 0; {counted})")
+    if len(shippable) > 1:
+        return head + (f"; {len(shippable)} of them are shown within the margin ({decision.margin:g}) of it: "
+                       f"picked the cheapest by {cost}")
+    return head + (f"; none of the others is shown within the margin ({decision.margin:g}) of it, so it ships: "
+                   "a cheaper tied arm may trail it by more, and the data cannot say")
 
 
 def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, cost: str = "peak_mem",
            memory_budget_gb: float | None = None, decision=None) -> Winner:
     """Pick the arm by validation metrics (test is for reporting, not picking), then its best seed's run.
-    With `decision` (evaluation/verdicts.py: paired intervals over the validation rows), `best` takes the
-    cheapest arm of the tie set (the arms the best cannot be told from: picking the top point estimate among
-    them picks by noise), and `cheapest_within` needs an arm's interval, not its mean, to clear -within_points."""
+    With `decision` (evaluation/verdicts.py: paired intervals over the validation rows, seeds counted once
+    measured), `best` takes the cheapest of the best arm and the tied arms shown within the margin of it, and
+    says how many arms tie; `cheapest_within` needs an arm's interval, not its mean, to clear -within_points."""
     table = arm_table(trials, metric)
     # lower-is-better metrics (a loss) rank the other way; `sign * value` is always higher-better
     best_first, sign = (False, 1) if record.metric_mode(metric) == "max" else (True, -1)
@@ -63,15 +77,12 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
     if adapters.empty:
         raise PromotionRefused("no adapter arm finished ok: nothing to promote")
     tied = decision.ties.get("val", []) if decision is not None else []
+    shippable = (decision.shippable.get("val") or [decision.best.get("val")]) if decision is not None else []
     against_full = decision.vs_full.get("val", {}) if decision is not None else {}
     column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
     if rule == "best" and len(tied) > 1:
-        arm = tie_pick(adapters, tied, metric, cost)
-        n_tied = int(adapters["arm"].isin(tied).sum())
-        reason = (f"{n_tied} arms tie within noise on {decision.split_rows.get('val', 0):,} validation rows "
-                  f"(paired 95 % intervals vs the best, {decision.best['val']}, include 0; none trails it by more "
-                  f"than the margin, {decision.margin:g}); picked the cheapest "
-                  f"by {cost}")
+        arm = tie_pick(adapters, shippable, metric, cost)
+        reason = _tie_reason(decision, int(adapters["arm"].isin(tied).sum()), shippable, cost)
     elif rule == "best":
         arm = adapters.sort_values("val_mean", ascending=best_first).iloc[0]
         reason = f"{word} mean val {metric} ({arm['val_mean']:.2f})" + (

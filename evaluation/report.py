@@ -290,14 +290,15 @@ def _decision_lines(decision, metric: str, unit: str) -> list[str]:
     lines = []
     val = decision.vs_best.get("val", {})
     if decision.best.get("val"):
-        tied = decision.ties.get("val", [])
+        tied, shippable = decision.ties.get("val", []), decision.shippable.get("val", [])
         lines += ["", f"### Which arms the best cannot be told from (validation, {decision.split_rows.get('val', 0):,} "
                       "rows)", "",
                   f"Best adapter arm on validation: `{decision.best['val']}`. "
                   + (f"{len(tied)} arms tie with it within noise (their paired 95 % interval of the difference "
-                     f"includes 0, and they trail it by at most the margin, {decision.margin:g}): "
-                     f"{', '.join(f'`{a}`' for a in tied)}. Promotion's `best` rule picks the cheapest of them."
-                     if len(tied) > 1 else "No other adapter arm ties with it."), "",
+                     f"includes 0): {', '.join(f'`{a}`' for a in tied)}. Promotion's `best` rule ships the cheapest "
+                     f"of those shown within the margin ({decision.margin:g}) of it: "
+                     f"{', '.join(f'`{a}`' for a in shippable)}."
+                     if len(tied) > 1 else "No other adapter arm ties with it.") + " " + _noise_line(decision), "",
                   f"| arm | Δ vs best on validation ({unit or metric}) | tied |", "|---|---|---|"]
         for arm, c in sorted(val.items(), key=lambda kv: -kv[1].mean):
             if arm not in decision.adapters:
@@ -306,6 +307,15 @@ def _decision_lines(decision, metric: str, unit: str) -> list[str]:
     if decision.notes:
         lines += ["", "Not compared row by row: " + "; ".join(decision.notes) + "."]
     return lines
+
+
+def _noise_line(decision) -> str:
+    noise = decision.seed_noise.get("val")
+    if noise is None or noise.source == "none":
+        return ("One seed an arm: these intervals count the rows only and hold for these seeds alone (seed racing, "
+                "search.racing, measures what seeds add).")
+    return (f"Seeds counted: one seed moves a difference between two arms by about {noise.sd:.2f} "
+            f"({noise.source} over the sweep's arms, {noise.df:g} df).")
 
 
 EXAMPLES = 3  # fixed validation rows (ids 0..2) shown across every arm
@@ -410,6 +420,8 @@ def build_report(client, experiment: str, sweep_id: str | None = None, metric: s
                "memory_metric": table.attrs.get("memory_metric"), "price_per_hour": price_per_hour,
                "margin": margin, "answer": verdicts.sentence(decision, table), "full_ft_arm": decision.full_arm,
                "best_val_arm": decision.best.get("val"), "val_tie_set": decision.ties.get("val", []),
+               "val_shippable": decision.shippable.get("val", []),
+               "seed_noise": {k: vars(v) for k, v in decision.seed_noise.items()},
                "rows_compared": decision.split_rows, "not_compared": decision.notes, "racing": racing,
                "arms": json.loads(table.to_json(orient="records")),
                "trials": json.loads(trials.to_json(orient="records"))}

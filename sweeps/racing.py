@@ -18,25 +18,25 @@ from typing import Callable, Iterable, Optional
 
 from ray.tune.search import Searcher
 
-from evaluation.promote import tie_pick
-from evaluation.report import arm_table
 from evaluation.runs import trial_table
-from evaluation.verdicts import decide
+from evaluation.verdicts import PRESUMED_SEED_SD, decide
 from sweeps.plan import seed_pool
 from trainers.tracking import client
 
 
-def open_labels(decision, max_seeds: Optional[int] = None, pick: Optional[str] = None) -> set[str]:
+def open_labels(decision, max_seeds: Optional[int] = None) -> set[str]:
     """The adapter arms a decision leaves open on validation (what picks; test only reports) that seeds can
     still settle: the interval against full FT still holds -margin (`undecided`) and `max_seeds` seeds an arm
-    could decide it (Comparison.seeds_to_decide, optimistic: with one seed, k seeds at best act as k times the
-    rows), or the arm is tied with the best adapter while the tie set holds more than one arm (which of them
-    ships is open, and only seeds average out what one seed drew). With `pick`, the tied arm promotion would
-    ship (promote.tie_pick: the cheapest), only it and the best are open among the tied: the pick turns on
-    them, and should the pick drop out of the tie, the next round races the next cheapest. An undecided arm no
-    seed budget can settle is left to rows (the report says how many); a decided arm is settled either way.
-    An arm without a finished run (failed, or pruned by ASHA) is in no comparison, so it is not open: another
-    seed is not spent on it."""
+    could decide it (Comparison.seeds_to_decide), or the arm is tied with the best adapter while the tie set
+    holds more than one arm (which of them ships is open: any tied arm may be the best a second seed finds,
+    and only seeds average out what one seed drew). An undecided arm no seed budget can settle is left to
+    rows (the report says how many); a decided arm is settled either way. An arm without a finished run
+    (failed, or pruned by ASHA) is in no comparison, so it is not open: another seed is not spent on it.
+
+    Before any arm has run a second seed, `decision` should count the seed noise racing presumes
+    (MlflowOpenArms does): a one-seed interval counts rows only, and calls arms decided and untied that a
+    rerun reorders (the default sweep's seed-10 run raced nothing and called one arm better than full FT that
+    seeds 0 and 20 put below it)."""
     adapters = set(decision.adapters)
 
     def seeds_can_settle(c) -> bool:
@@ -48,23 +48,24 @@ def open_labels(decision, max_seeds: Optional[int] = None, pick: Optional[str] =
            if c.verdict == "undecided" and seeds_can_settle(c)}
     ties = decision.ties.get("val", [])
     if len(ties) > 1:
-        out |= {decision.best["val"], pick} if pick in ties else set(ties)
+        out |= set(ties)
     return out & adapters
 
 
 class MlflowOpenArms:
     """The driver's answer to "which arms are still open?": the sweep's child runs as MLflow holds them,
-    judged by evaluation.verdicts.decide as the report will judge them. Only what pickles is kept (no client):
+    judged by evaluation.verdicts.decide as the report will judge them, with the seed noise racing presumes
+    (verdicts.PRESUMED_SEED_SD) while no arm has run a second seed. Only what pickles is kept (no client):
     Tune pickles the searcher, and with it this, into the experiment's tuner.pkl, which `--resume` reads."""
 
     def __init__(self, tracking, parent_run_id: str, metric: str, margin: float, labels: dict,
-                 max_seeds: Optional[int] = None, cost: str = "peak_mem"):
+                 max_seeds: Optional[int] = None, presumed_seed_sd: Optional[float] = PRESUMED_SEED_SD):
         self.tracking = tracking  # trainers.config.TrackingConfig of the sweep
         self.parent_run_id = parent_run_id
         self.metric = metric  # bare task metric (accuracy, rougeL): the one the report decides by
         self.margin = margin
         self.max_seeds = max_seeds
-        self.cost = cost  # promote.cost: what makes a tied arm the one `best` ships
+        self.presumed_seed_sd = presumed_seed_sd
         self.ids = {label: ray_id for ray_id, label in labels.items()}  # plan label -> Ray arm id
 
     def __call__(self, completed) -> set[str]:
@@ -76,13 +77,7 @@ class MlflowOpenArms:
         """The arm labels still open, judged from these runs (a trial table of the sweep)."""
         if trials.empty:
             return set()
-        decision = decide(c, trials, self.metric, self.margin)
-        pick = None
-        if len(decision.ties.get("val", [])) > 1:
-            table = arm_table(trials, self.metric)
-            pick = tie_pick(table[table["arm"].isin(decision.adapters)], decision.ties["val"], self.metric,
-                            self.cost)["arm"]
-        return open_labels(decision, self.max_seeds, pick)
+        return open_labels(decide(c, trials, self.metric, self.margin, self.presumed_seed_sd), self.max_seeds)
 
 
 class SeedRacer(Searcher):
@@ -220,7 +215,7 @@ def racer(cfg, plan, parent_run_id: str) -> SeedRacer:
     # untrained head scores chance at every seed), so a further seed of it buys no comparison.
     references = [ray_id for ray_id in ids if plan.trial_dict(ray_id, pool[0])["method"]["name"] == "full"]
     judge = MlflowOpenArms(cfg.trial.tracking, parent_run_id, cfg.trial.task.metric, cfg.report.margin, ids,
-                           cfg.search.max_seeds, cfg.promote.cost)
+                           cfg.search.max_seeds)
     return SeedRacer(list(ids), references, pool, judge, patience_s=cfg.trial.tracking.outage_timeout_s)
 
 

