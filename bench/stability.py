@@ -51,9 +51,10 @@ def judge(client, parent, margin: float) -> dict:
     decision = decide(client, trials, metric, margin)
     winner = choose(trials, metric, "best", decision=decision)
     adapters = sorted(set(trials[~trials["method"].isin(ADAPTER_METHODS_EXCLUDED)]["arm"]))
-    return {"sweep": parent.data.params["sweep_id"], "trials": len(trials), "champion": winner.arm["arm"],
+    return {"sweep": parent.data.params["sweep_id"], "best": decision.best.get("val"), "trials": len(trials), "champion": winner.arm["arm"],
             "reason": winner.reason, "ties": decision.ties.get("val", []), "vs_full": decision.vs_full.get("test", {}),
-            "adapters": adapters, "seeds": seeds_by_arm(trials), "metric": metric}
+            "adapters": adapters, "seeds": seeds_by_arm(trials), "metric": metric,
+            "vs_best": decision.vs_best.get("val", {}), "noise": decision.seed_noise.get("val")}
 
 
 def main(argv=None) -> int:
@@ -81,13 +82,21 @@ def main(argv=None) -> int:
     for seed, j in judged.items():
         print(f"\n## First seed {seed}: sweep {j['sweep']}, {j['trials']} trials\n")
         print(f"Champion: {j['champion']} ({j['reason']})")
-        print(f"Validation tie set: {', '.join(j['ties'])}\n")
-        print(f"| arm | seeds | Δ {j['metric']} vs full FT on test | verdict |")
-        print("|---|---|---|---|")
+        print(f"Validation tie set: {', '.join(j['ties'])}")
+        noise = j["noise"]
+        print(f"Seed noise (validation): {noise.source}" + (f", {noise.sd:.2f} for one seed's difference, {noise.df:g} df"
+                                                          if noise is not None and noise.sd is not None else "") + "\n")
+        print(f"| arm | seeds | Δ {j['metric']} vs best on validation | Δ {j['metric']} vs full FT on test | verdict |")
+        print("|---|---|---|---|---|")
+
+        def shown(c) -> str:
+            return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]" if c else "–"
+
         for arm in j["adapters"]:
             c = j["vs_full"].get(arm)
-            shown = f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]" if c else "–"
-            print(f"| {arm} | {','.join(map(str, j['seeds'].get(arm, [])))} | {shown} | {c.verdict if c else '–'} |")
+            print(f"| {arm} | {','.join(map(str, j['seeds'].get(arm, [])))} | "
+                  f"{shown(j['vs_best'].get(arm)) if arm != j['best'] else 'best'} | {shown(c)} | "
+                  f"{c.verdict if c else '–'} |")
 
     print("\n## Stability\n")
     champions_ok = True

@@ -89,22 +89,26 @@ class SeedRacer(Searcher):
     rounds, whatever the race finds). A trial that errored or was stopped counts as
     run: its seed is not tried again (Ray's own retries, cluster.max_failures, happen before it completes).
 
+    `run_ahead`: when Tune asks for a trial while the round's last trials run and nothing is queued (a slot
+    would idle), each reference arm starts the next round's seed (`_reference_ahead`), once a round.
+
     `open_arms(completed)`: the Ray arm ids still open, given the (arm, seed) pairs completed so far. Should it
     raise (the tracking store down or locked for a moment), it is asked again every `retry_s` for `patience_s`
     before the error ends the sweep: a round boundary is no reason to lose a sweep to a short outage."""
 
     def __init__(self, arms: list[str], references: Iterable[str], pool: list[int],
                  open_arms: Callable[[list], set], verbose: bool = True, patience_s: float = 120.0,
-                 retry_s: float = 5.0):
+                 retry_s: float = 5.0, run_ahead: bool = True):
         super().__init__()
         self.arms, self.references, self.pool = list(arms), [a for a in arms if a in set(references)], list(pool)
-        self.open_arms, self.verbose = open_arms, verbose
+        self.open_arms, self.verbose, self.run_ahead = open_arms, verbose, run_ahead
         self.patience_s, self.retry_s = patience_s, retry_s
         self._failing_since: Optional[float] = None  # not state: an outage does not outlive the driver
         self._retry_at = 0.0
         self._tried: dict = {arm: [] for arm in self.arms}  # seeds queued, running or done, per arm
         self._queue: list = []
-        self._live: dict = {}  # Tune trial id -> (arm, seed)
+        self._live: dict = {}  # Tune trial id -> (arm, seed) of the round
+        self._ahead: dict = {}  # Tune trial id -> (reference arm, next round's seed), started while a slot idled
         self._done: list = []  # (arm, seed, errored), in completion order
         self._round = 0
         self._finished = False
@@ -123,24 +127,44 @@ class SeedRacer(Searcher):
             self._live[trial_id] = (arm, seed)
             return {"arm": arm, "seed": seed}
         if self._live:
+            ahead = self._reference_ahead()
+            if ahead is not None:
+                self._tried[ahead[0]].append(ahead[1])
+                self._ahead[trial_id] = ahead
+                return {"arm": ahead[0], "seed": ahead[1]}
             return None  # the round is running: which arms stay open is known only once it ends
         self._finished = True
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        pair = self._live.pop(trial_id, None)
+        pair = self._live.pop(trial_id, None) or self._ahead.pop(trial_id, None)
         if pair is not None:
             self._done.append((*pair, bool(error)))
+
+    def _reference_ahead(self) -> Optional[tuple]:
+        """A reference arm at the seed the next round hands out, while the round's last trials still run and
+        a slot would idle: the reference runs every seed any adapter gets, so the next round, if there is one,
+        needs it (the default sweep's first round is 7 trials on 2 slots, and its last trial ran alone for
+        63 s). Once a round, never in the last one; its result does not enter the round's judgement (only
+        finished runs are judged, and a reference's extra seed pairs with no adapter's yet)."""
+        if not self.run_ahead or self._round >= len(self.pool):
+            return None
+        upcoming = self.pool[self._round]
+        for ref in self.references:
+            if upcoming not in self._tried[ref]:
+                return ref, upcoming
+        return None
 
     # --- state: Tune saves it beside its experiment state and restores it on --resume
     def get_state(self) -> dict:
         return {"arms": self.arms, "references": self.references, "pool": self.pool, "tried": self._tried,
-                "queue": self._queue, "live": self._live, "done": self._done, "round": self._round,
-                "finished": self._finished}
+                "queue": self._queue, "live": self._live, "ahead": self._ahead, "done": self._done,
+                "round": self._round, "finished": self._finished}
 
     def set_state(self, state: dict) -> None:
         self.arms, self.references, self.pool = state["arms"], state["references"], state["pool"]
         self._tried, self._queue, self._live = state["tried"], state["queue"], state["live"]
+        self._ahead = state.get("ahead", {})
         self._done, self._round, self._finished = state["done"], state["round"], state["finished"]
 
     def save(self, checkpoint_path: str) -> None:

@@ -163,6 +163,12 @@ def test_the_report_answers_with_paired_intervals_and_verdicts_recomputed_from_t
     seeds = {arm: [0, 1] for arm in matrices}
     pooled = pooled_against(matrices, seeds, full)
     assert pooled is not None and pooled[1] == len(matrices) - 1  # a degree of freedom per adapter
+    assert data["seed_noise"]["test"]["source"] == "measured" and data["seed_noise"]["test"]["df"] == pooled[1]
+    # the tie set: the adapters whose validation interval against the best (seeds counted) holds 0, no other cut
+    tied = {a["arm"] for a in data["arms"] if a["method"] not in ("full", "base") and a["arm"] != data["best_val_arm"]
+            and a["val_vs_best_low"] <= 0 <= a["val_vs_best_high"]}
+    assert set(data["val_tie_set"]) == tied | {data["best_val_arm"]}
+    assert data["best_val_arm"] in data["val_shippable"] and set(data["val_shippable"]) <= set(data["val_tie_set"])
     for arm in data["arms"]:
         if arm["method"] == "full":
             continue

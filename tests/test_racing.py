@@ -49,7 +49,7 @@ def test_seed_pool_extends_the_listed_seeds_with_the_next_integers():
 
 
 def test_the_first_round_is_every_arm_at_the_first_seed_and_waits_for_its_trials():
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(), verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(), verbose=False, run_ahead=False)
     first = _take(racer)
     assert list(first.values()) == [(arm, 0) for arm in ARMS]  # in the plan's start order
     assert racer.suggest("t98") is None  # trials still run: Tune asks again later
@@ -57,9 +57,37 @@ def test_the_first_round_is_every_arm_at_the_first_seed_and_waits_for_its_trials
     assert racer.suggest("t99") is None  # one still runs: the round is not over
 
 
+def test_a_slot_that_would_idle_at_a_rounds_end_starts_full_ft_at_the_next_seed():
+    """Tune asks for a trial whenever it could start one; with the round handed out, the racer starts the
+    reference arm at the next round's seed instead of leaving the slot idle: once a round, never in the last,
+    without delaying the round's judgement, and never twice at a seed."""
+    judge = Judge({"arm03"})
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1], judge, verbose=False)
+    first = _take(racer, n=len(ARMS))
+    assert racer.suggest("t90") == {"arm": "arm01", "seed": 1}  # the queue is empty and the round still runs
+    assert racer.suggest("t91") is None  # once a round
+    _complete(racer, first)  # the round's own trials are done; the reference's seed 1 still runs
+    second = _take(racer, start=10)
+    assert judge.asked == [sorted((a, 0) for a in ARMS)]  # judged at once, on the round's trials alone
+    assert list(second.values()) == [("arm03", 1)]  # full FT's seed 1 already runs: not queued again
+    assert racer.suggest("t95") is None  # the last round: no seed of the pool left to run ahead
+    _complete(racer, ["t90", *second])
+    assert racer.suggest("t96") == SeedRacer.FINISHED
+    assert sorted(racer.completed) == sorted([(a, 0) for a in ARMS] + [("arm01", 1), ("arm03", 1)])
+
+    restored = SeedRacer(ARMS, ["arm01"], [0, 1], Judge(), verbose=False)
+    _take(restored, n=len(ARMS))
+    restored.suggest("t90")
+    state = restored.get_state()
+    assert state["ahead"] == {"t90": ("arm01", 1)}
+    again = SeedRacer(ARMS, ["arm01"], [0, 1], Judge(), verbose=False)
+    again.set_state(state)
+    assert again.suggest("t91") is None  # restored mid-round: the reference already runs ahead
+
+
 def test_a_later_round_adds_the_next_seed_only_to_open_arms_and_full_ft():
     judge = Judge({"arm03"})
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], judge, verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], judge, verbose=False, run_ahead=False)
     first = _take(racer)
     _complete(racer, first)
     second = _take(racer, start=10)
@@ -71,7 +99,7 @@ def test_the_reference_arms_follow_every_seed_an_adapter_gets():
     """Full FT and the base arm: whatever seed any adapter arm gets, so each comparison stays paired by seed."""
     arms = ["arm01", "arm02", "arm03", "arm04", "base"]
     judge = Judge({"arm02"}, {"arm02", "arm04"})
-    racer = SeedRacer(arms, ["arm01", "base"], [0, 1, 2], judge, verbose=False)
+    racer = SeedRacer(arms, ["arm01", "base"], [0, 1, 2], judge, verbose=False, run_ahead=False)
     _complete(racer, _take(racer))
     assert sorted(_take(racer, start=10).values()) == [("arm01", 1), ("arm02", 1), ("base", 1)]
     _complete(racer, [f"t{i}" for i in range(10, 13)])
@@ -83,7 +111,7 @@ def test_the_reference_arms_follow_every_seed_an_adapter_gets():
 
 def test_no_arm_gets_more_than_max_seeds_and_the_race_then_finishes():
     judge = Judge(*[set(ARMS)] * 10)  # everything open, always
-    racer = SeedRacer(ARMS, ["arm01"], seed_pool([0], 3), judge, verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], seed_pool([0], 3), judge, verbose=False, run_ahead=False)
     ran, start = [], 0
     while True:
         got = _take(racer, start=start)
@@ -99,7 +127,7 @@ def test_no_arm_gets_more_than_max_seeds_and_the_race_then_finishes():
 
 def test_the_race_runs_at_most_as_many_rounds_as_the_pool_has_seeds():
     """Wall time is rounds: an arm first open after the last round keeps its seeds, though it has one untried."""
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1], Judge({"arm02"}, {"arm03"}), verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1], Judge({"arm02"}, {"arm03"}), verbose=False, run_ahead=False)
     first = _take(racer)
     _complete(racer, first)
     second = _take(racer, start=100)
@@ -111,7 +139,7 @@ def test_the_race_runs_at_most_as_many_rounds_as_the_pool_has_seeds():
 
 def test_finished_when_no_arm_is_open():
     judge = Judge(set())
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], judge, verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], judge, verbose=False, run_ahead=False)
     _complete(racer, _take(racer))
     assert racer.suggest("t50") == SeedRacer.FINISHED
     assert racer.suggest("t51") == SeedRacer.FINISHED and len(judge.asked) == 1  # not asked again
@@ -119,13 +147,13 @@ def test_finished_when_no_arm_is_open():
 
 def test_an_open_reference_arm_alone_adds_nothing():
     """Only adapter arms are raced; a judge naming full FT does not buy it seeds on its own."""
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge({"arm01"}), verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge({"arm01"}), verbose=False, run_ahead=False)
     _complete(racer, _take(racer))
     assert racer.suggest("t50") == SeedRacer.FINISHED
 
 
 def test_an_errored_trial_counts_as_run_and_is_not_queued_again():
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge({"arm02"}), verbose=False)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge({"arm02"}), verbose=False, run_ahead=False)
     first = _take(racer)
     errored = next(t for t, pair in first.items() if pair == ("arm02", 0))
     _complete(racer, first, errored={errored})
@@ -150,15 +178,15 @@ def test_save_and_restore_continue_the_race_mid_round(tmp_path):
             start += 100
 
     answers = ({"arm02", "arm04"}, {"arm04"})
-    whole, _ = race(SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(*answers), verbose=False))
+    whole, _ = race(SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(*answers), verbose=False, run_ahead=False))
 
-    original = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(*answers), verbose=False)
+    original = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(*answers), verbose=False, run_ahead=False)
     before, running = race(original, stop_after=6)  # round 2 under way: two trials running, one queued
     assert running and original.get_state()["queue"]
     path = tmp_path / "searcher-state.pkl"
     original.save(str(path))
 
-    fresh = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(answers[1]), verbose=False)  # as unpickled: round 1 queued
+    fresh = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(answers[1]), verbose=False, run_ahead=False)  # as unpickled: round 1 queued
     fresh.restore(str(path))
     assert fresh.get_state() == original.get_state()
     _complete(fresh, running)  # the trials Tune resumes keep their ids
@@ -175,7 +203,7 @@ def test_a_store_that_fails_for_a_moment_is_asked_again_then_the_error_ends_the_
             raise ConnectionError("tracking server down")
         return {"arm02"}
 
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], flaky, verbose=False, retry_s=0)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], flaky, verbose=False, run_ahead=False, retry_s=0)
     _complete(racer, _take(racer))
     assert racer.suggest("t50") is None  # not FINISHED: the race is not over because the store blinked
     assert sorted(_take(racer, start=60).values()) == [("arm01", 1), ("arm02", 1)]
@@ -183,7 +211,7 @@ def test_a_store_that_fails_for_a_moment_is_asked_again_then_the_error_ends_the_
     def down(completed):
         raise ConnectionError("tracking server down")
 
-    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], down, verbose=False, retry_s=0, patience_s=0)
+    racer = SeedRacer(ARMS, ["arm01"], [0, 1, 2], down, verbose=False, run_ahead=False, retry_s=0, patience_s=0)
     _complete(racer, _take(racer))
     assert racer.suggest("t50") is None  # the first failure starts the clock
     with pytest.raises(ConnectionError):
@@ -323,13 +351,16 @@ def test_a_racing_sweep_adds_seeds_only_where_the_decision_is_open(tiny_bert, st
     assert decision.seed_noise["val"].source == "presumed"  # one seed an arm: racing presumes seed noise
     expected = MlflowOpenArms(None, parent.info.run_id, "accuracy", 1.0, {}, max_seeds=2).open_of(c, first)
     assert expected == open_labels(decision, 2)
+    second = {arm for arm, s in seeds.items() if 1 in s}
+    assert second - {decision.full_arm} == expected
     if expected:
-        expected.add(decision.full_arm)
-    assert {arm for arm, s in seeds.items() if 1 in s} == expected
+        assert decision.full_arm in second
 
-    # rounds: no second-seed trial started before every first-seed trial had ended
+    # rounds: no adapter's second seed started before every first-seed trial had ended (full FT may start its
+    # second seed in the slot the first round's last trial leaves idle)
     if expected:
-        starts = [r.info.start_time for r in children if r.data.params["seed"] == "1"]
+        starts = [r.info.start_time for r in children
+                  if r.data.params["seed"] == "1" and r.data.tags[record.ARM] != decision.full_arm]
         ends = [r.info.end_time for r in children if r.data.params["seed"] == "0"]
         assert min(starts) >= max(ends)
     assert "seed racing: round 1 done" in proc.stdout
