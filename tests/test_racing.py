@@ -186,7 +186,8 @@ def test_save_and_restore_continue_the_race_mid_round(tmp_path):
     path = tmp_path / "searcher-state.pkl"
     original.save(str(path))
 
-    fresh = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(answers[1]), verbose=False, run_ahead=False)  # as unpickled: round 1 queued
+    # as unpickled: round 1 queued
+    fresh = SeedRacer(ARMS, ["arm01"], [0, 1, 2], Judge(answers[1]), verbose=False, run_ahead=False)
     fresh.restore(str(path))
     assert fresh.get_state() == original.get_state()
     _complete(fresh, running)  # the trials Tune resumes keep their ids

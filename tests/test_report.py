@@ -2,6 +2,7 @@
 returns (the end-to-end tests run the same code on real sweeps)."""
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
@@ -196,3 +197,22 @@ def test_a_tie_is_an_interval_holding_zero_and_shipping_needs_one_clear_of_the_m
     assert shown_within("best", vs_best, tied) == ["best", "close"]
 
 
+
+
+def test_the_per_arm_interval_pools_the_seed_spread_over_the_arms():
+    """At 2 seeds an arm, an arm's own spread has 1 degree of freedom (t = 12.7); pooled over the arms that
+    trained, the t quantile counts every arm's degree of freedom, and an arm at one seed gets an interval."""
+    from evaluation.report import pooled_ci95
+
+    by_seed = pd.Series([[78.0, 79.5], [77.0, 76.0], [75.0, 75.5, 76.5], [74.0], [50.0, 50.0]])
+    trains = pd.Series([True, True, True, True, False])  # the last is the base arm: no seed noise of its own
+    own = pd.Series([ci95(v) for v in by_seed])
+    half = pooled_ci95(by_seed, trains, own)
+    variances = [np.var(v, ddof=1) for v in by_seed[:3]]
+    pooled_sd = math.sqrt((variances[0] + variances[1] + 2 * variances[2]) / 4)  # df 1 + 1 + 2
+    for i, n in enumerate((2, 2, 3, 1)):
+        assert half[i] == pytest.approx(stats.t.ppf(0.975, 4) * pooled_sd / math.sqrt(n))
+    assert half[0] < own[0] / 3  # t(4) = 2.78 against t(1) = 12.71
+    assert half[4] == own[4]  # the base arm keeps its own (0: it scores the same at every seed)
+    only_one = pd.Series([[78.0], [77.0]])
+    assert pooled_ci95(only_one, pd.Series([True, True]), pd.Series([np.nan, np.nan])).isna().all()
