@@ -126,6 +126,10 @@ def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> 
     needed = paired.rows_to_decide(diff.se, diff.mean, margin / scale, n, mode=mode)
     if needed is None:
         return "no number of rows decides it (the difference sits on the margin)", None
+    if not one_seed and needed <= n:
+        # the projection's normal quantile says these seeds suffice, but the interval (a pivot on a few degrees of
+        # freedom, heavier-tailed) still holds -margin: at least one more (the demo printed "about 2 (now 2)")
+        needed = n + 1
     unit = "rows" if one_seed else "seeds an arm"
     return f"about {needed:,} {unit} (now {n:,})", (needed / n if one_seed else float(needed))
 

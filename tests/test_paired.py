@@ -303,3 +303,16 @@ def test_seed_noise_measured_once_for_the_sweep_counts_in_every_comparison_the_b
     # the presumed seed part adds in quadrature to the rows': the half-width grows to about 1.96 x sqrt(1.2^2 + se^2)
     expected = 1.96 * math.sqrt(0.012 ** 2 + rows_only.se ** 2)
     assert (presumed.high - presumed.low) / 2 == pytest.approx(expected, rel=0.1)
+
+
+def test_an_undecided_arm_at_the_seeds_the_projection_asks_for_needs_one_more():
+    """The projection counts a normal quantile; the pooled pivot on 5 degrees of freedom is wider. The default
+    demo's r8 q,v arm, -3.60 [-6.71, -0.51] against full FT at 2 seeds, projected "about 2 seeds (now 2)"."""
+    from evaluation.paired import PairedDiff
+    from evaluation.verdicts import _settle
+
+    diff = PairedDiff(-0.036, -0.0671, -0.0051, 0.0095, 0.95, 2000, (2, 2),
+                      "rows and seeds (seed noise pooled over the sweep's arms)", "generalized pivot, pooled")
+    assert rows_to_decide(diff.se, diff.mean, 0.01, 2) == 2  # the projection alone: the seeds there suffice
+    assert _settle(diff, 1.0, "max", 100) == ("about 3 seeds an arm (now 2)", 3.0)
+
