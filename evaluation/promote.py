@@ -39,7 +39,7 @@ class Winner:
     reason: str
 
 
-def tie_pick(adapters, shippable: list, metric: str, cost: str = "peak_mem"):
+def cheapest_shippable(adapters, shippable: list, metric: str, cost: str = "peak_mem"):
     """The arm-table row `best` promotes: of the best arm and the tied arms shown within the margin of it
     (verdicts.shown_within), the cheapest by `cost` (peak memory or device-hours), then by trainable
     parameters, then the better validation mean."""
@@ -81,7 +81,7 @@ def choose(trials, metric: str, rule: str = "best", within_points: float = 1.0, 
     against_full = decision.vs_full.get("val", {}) if decision is not None else {}
     column = "peak_mem_gb" if cost == "peak_mem" else "device_hours_per_run"
     if rule == "best" and len(tied) > 1:
-        arm = tie_pick(adapters, shippable, metric, cost)
+        arm = cheapest_shippable(adapters, shippable, metric, cost)
         reason = _tie_reason(decision, int(adapters["arm"].isin(tied).sum()), shippable, cost)
     elif rule == "best":
         arm = adapters.sort_values("val_mean", ascending=best_first).iloc[0]

@@ -154,7 +154,7 @@ def sweep_seed_noise(rows: dict, seeds: dict, prefer: Optional[str], n_rows: int
     the best adapter too, is judged with the degrees of freedom all raced arms give, not the one or two of
     its own pair. `presumed_sd` (report units) stands in while nothing is measured: (pooled tuple for
     paired_diff_ci, SeedNoise)."""
-    for reference in [prefer] + sorted(rows, key=lambda a: -len(seeds.get(a, []))):
+    for reference in [prefer] + sorted((a for a in rows if a != prefer), key=lambda a: -len(seeds.get(a, []))):
         pooled = pooled_against(rows, seeds, reference) if reference in rows else None
         if pooled is not None:
             ms_seeds, df, _, _ = pooled
