@@ -23,6 +23,7 @@ from scipy import stats
 from trainers import record
 
 VERDICTS = ("equivalent", "better", "non_inferior", "worse", "undecided")
+POWER = 0.8  # sizing and racing: what is worth spending rows or seeds on is what decides with this probability
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def paired_diff_ci(a_rows, b_rows, *, seeds_a: Optional[Sequence] = None, seeds_
     when rows dominate) and cannot see the spread of 3 seeds (too narrow when seeds dominate): 83-98 % on the
     same sweeps. An arm with one seed adds no seed noise (none can be estimated from it). With 3 seeds that
     move an arm by ~2 points, a difference's interval is ~10 (independent) to ~13 (paired) points wide:
-    seeds, not rows, are then what narrows it (`rows_to_decide` with the seed count).
+    seeds, not rows, are then what narrows it (`seeds_to_decide`).
 
     `pooled` (`pooled_seed_noise` of the sweep's arms against the same reference): the seed part of the
     variance as every arm's seeds show it together, with their summed degrees of freedom, in place of this
@@ -249,8 +250,7 @@ def verdict(low: float, high: float, margin: float, mode: str = "max") -> str:
 
 def rows_to_decide(se: float, mean: float, margin: float, n_rows: int, *, confidence: float = 0.95,
                    mode: str = "max", target: str = "decided") -> Optional[int]:
-    """About how many rows in all (or seeds, where seed noise dominates `se`) an interval around the same
-    mean would need for `target`: "decided" (any verdict but undecided: the interval clear of -margin) or
+    """About how many rows in all an interval around the same mean would need for `target`: "decided" (any verdict but undecided: the interval clear of -margin) or
     "equivalent" (inside +-margin). The half-width shrinks as 1/sqrt(n); the normal quantile stands in for
     the interval's. `n_rows` when there already; None when no number of rows gets there (a mean exactly on
     -margin; for equivalence, a mean at or beyond the margin)."""
@@ -263,6 +263,35 @@ def rows_to_decide(se: float, mean: float, margin: float, n_rows: int, *, confid
     if room <= 0:
         return None
     return max(n_rows, math.ceil(n_rows * (half / room) ** 2))
+
+
+def seeds_to_decide(se: float, mean: float, margin: float, n_seeds: int, arms: int, *, seed_share: float = 1.0,
+                    seed_df: float = 0.0, confidence: float = 0.95, power: float = POWER, mode: str = "max",
+                    most: int = 1000) -> Optional[int]:
+    """About how many seeds an arm would decide a comparison (its interval clear of -margin) with probability
+    `power` should the difference be what it reads now: what racing weighs before it spends a seed (the
+    sample size of plan's sizing, at the same power). `se`: the interval's at `n_seeds` seeds; seeds shrink
+    its seed and row parts alike, as 1/k. The race's interval is a pivot whose seed part (`seed_share` of the
+    variance) rests on about (k - 1) x `arms` degrees of freedom at k seeds (every arm the sweep pools; at
+    least `seed_df`, what is measured now), the rows' on thousands: t's quantile at their
+    Welch-Satterthwaite degrees of freedom stands in for the pivot's. The default demo's r8 q,v arm read
+    -3.35 [-6.36, -0.35] after one seed; "the same interval at 2 seeds, normal quantile" projected 2 seeds,
+    and its second seed left it undecided on test. This projects 4 (2 at 50 % power, 3 at 80 % with the
+    normal quantile). At least `n_seeds` + 1 (an undecided arm needs more than it has); None when no number
+    decides it (a mean exactly on -margin)."""
+    if mode == "min":
+        mean = -mean
+    room = abs(mean + margin)
+    if room <= 0:
+        return None
+    z_power = stats.norm.ppf(power)
+    for k in range(n_seeds + 1, most + 1):
+        df_seeds = max(seed_df, (k - 1) * max(arms, 1))
+        df = df_seeds / seed_share ** 2 if seed_share > 0 else math.inf
+        if (stats.t.ppf((1 + confidence) / 2, df) + z_power) * se * math.sqrt(n_seeds / k) < room:
+            return k
+    # past `most` seeds the degrees of freedom are in the thousands: the normal quantile is t's
+    return math.ceil(n_seeds * ((stats.norm.ppf((1 + confidence) / 2) + z_power) * se / room) ** 2)
 
 
 def compare_to(arms_rows: Mapping[str, np.ndarray], reference: str, *, seeds: Optional[Mapping[str, Sequence]] = None,
@@ -287,7 +316,7 @@ def tie_set(arms_rows: Mapping[str, np.ndarray], best: str, *, seeds: Optional[M
 
 
 def min_detectable_difference(n_rows, *, base_rate: Optional[float] = None, sd: Optional[float] = None,
-                              alpha: float = 0.05, power: float = 0.8):
+                              alpha: float = 0.05, power: float = POWER):
     """The smallest true difference a two-sided paired comparison at `n_rows` rows (scalar or array) detects
     with probability `power` at level `alpha`, normal approximation: (z_{1-alpha/2} + z_power) x sd / sqrt(n),
     in the rows' units. `sd`: the standard deviation of the per-row differences, when known (a paired

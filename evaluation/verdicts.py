@@ -42,9 +42,9 @@ class Comparison:
     verdict: str
     pairing: str
     settle: Optional[str] = None
-    # undecided only: about how many seeds an arm would decide it, counted optimistically: with one seed an arm,
-    # k seeds at best act as k times the rows (when every row's disagreement is seed noise); None when no number
-    # decides it. Seed racing spends a seed only where this is within search.max_seeds.
+    # undecided only: about how many seeds an arm would decide it. Seed noise counted: seeds that decide it at
+    # paired.POWER; rows alone (one seed an arm): rows needed / rows there, k seeds at best acting as k times the
+    # rows. None when no number decides it. Seed racing spends a seed only where this is within search.max_seeds.
     seeds_to_decide: Optional[float] = None
 
 
@@ -118,20 +118,25 @@ def arm_rows(client, trials: pd.DataFrame, split: str, column: str = record.ROW_
     return {a: np.vstack(rows) for a, rows in by_arm.items()}, arm_seeds, ids, notes
 
 
-def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float) -> tuple[str, Optional[float]]:
-    """About what would decide an undecided comparison (rows with one seed an arm, else seeds), and the
-    seeds an arm that would, at best (Comparison.seeds_to_decide)."""
+def _settle(diff: paired.PairedDiff, margin: float, mode: str, scale: float, arms: int = 1,
+            seed_df: Optional[float] = None, seed_share: float = 1.0) -> tuple[str, Optional[float]]:
+    """About what would decide an undecided comparison, and the seeds an arm that would
+    (Comparison.seeds_to_decide): with one seed an arm and rows alone counted, the rows an interval around
+    the same mean needs; else the seeds an arm that decide it at paired.POWER (paired.seeds_to_decide).
+    `arms`: how many arms pool their seed noise, `seed_df`: what it rests on now (measured only),
+    `seed_share`: its part of the interval's variance."""
     one_seed = diff.n_seeds == (1, 1) and "pooled" not in diff.method  # pooled: seed noise counts, seeds settle
-    n = diff.n_rows if one_seed else min(diff.n_seeds)
-    needed = paired.rows_to_decide(diff.se, diff.mean, margin / scale, n, mode=mode)
+    if one_seed:
+        needed = paired.rows_to_decide(diff.se, diff.mean, margin / scale, diff.n_rows, mode=mode)
+        if needed is None:
+            return "no number of rows decides it (the difference sits on the margin)", None
+        return f"about {needed:,} rows (now {diff.n_rows:,})", needed / diff.n_rows
+    n = min(diff.n_seeds)
+    needed = paired.seeds_to_decide(diff.se, diff.mean, margin / scale, n, arms, seed_share=seed_share,
+                                    seed_df=seed_df or 0.0, mode=mode)
     if needed is None:
-        return "no number of rows decides it (the difference sits on the margin)", None
-    if not one_seed and needed <= n:
-        # the projection's normal quantile says these seeds suffice, but the interval (a pivot on a few degrees of
-        # freedom, heavier-tailed) still holds -margin: at least one more (the demo printed "about 2 (now 2)")
-        needed = n + 1
-    unit = "rows" if one_seed else "seeds an arm"
-    return f"about {needed:,} {unit} (now {n:,})", (needed / n if one_seed else float(needed))
+        return "no number of seeds decides it (the difference sits on the margin)", None
+    return f"about {needed:,} seeds an arm (now {n:,})", float(needed)
 
 
 def pooled_against(rows: dict, seeds: dict, reference: str) -> Optional[tuple]:
@@ -166,12 +171,24 @@ def sweep_seed_noise(rows: dict, seeds: dict, prefer: Optional[str], n_rows: int
     return (seed_ms, PRESUMED_SEED_DF, 0.0, PRESUMED_SEED_DF), SeedNoise("presumed", presumed_sd, PRESUMED_SEED_DF)
 
 
+def _seed_terms(diff: paired.PairedDiff, pooled: Optional[tuple], presumed: bool, n_arms: int) -> dict:
+    """What a seed projection needs of a comparison: every other arm pools its seed noise (an upper bound on
+    the degrees of freedom the race reaches: it skips decided arms); what is measured now, and the seed part
+    of the interval's variance (all of it for independent seeds, whose t interval already weighs both)."""
+    if pooled is None:
+        return {"arms": n_arms - 1, "seed_df": diff.df}
+    seed_var = max(pooled[0] - pooled[2], 0.0) / (min(diff.n_seeds) * diff.n_rows)
+    return {"arms": n_arms - 1, "seed_df": None if presumed else pooled[1],
+            "seed_share": min(1.0, seed_var / diff.se ** 2) if diff.se > 0 else 1.0}
+
+
 def _compare(rows: dict, seeds: dict, reference: str, margin: float, mode: str, scale: float,
              pooled: Optional[tuple] = None, presumed: bool = False) -> dict:
     out = {}
     for arm, diff in paired.compare_to(rows, reference, seeds=seeds, pooled=pooled).items():
         judged = paired.verdict(diff.low * scale, diff.high * scale, margin, mode)
-        settle, seeds_needed = _settle(diff, margin, mode, scale) if judged == "undecided" else (None, None)
+        settle, seeds_needed = (_settle(diff, margin, mode, scale, **_seed_terms(diff, pooled, presumed, len(rows)))
+                                if judged == "undecided" else (None, None))
         pairing = diff.pairing.replace("pooled over the sweep's arms", "presumed") if presumed else diff.pairing
         out[arm] = Comparison(arm, reference, diff.mean * scale, diff.low * scale, diff.high * scale, judged,
                               pairing, settle, seeds_needed)

@@ -305,14 +305,34 @@ def test_seed_noise_measured_once_for_the_sweep_counts_in_every_comparison_the_b
     assert (presumed.high - presumed.low) / 2 == pytest.approx(expected, rel=0.1)
 
 
-def test_an_undecided_arm_at_the_seeds_the_projection_asks_for_needs_one_more():
-    """The projection counts a normal quantile; the pooled pivot on 5 degrees of freedom is wider. The default
-    demo's r8 q,v arm, -3.60 [-6.71, -0.51] against full FT at 2 seeds, projected "about 2 seeds (now 2)"."""
-    from evaluation.paired import PairedDiff
-    from evaluation.verdicts import _settle
+def test_seeds_to_decide_projects_the_seeds_that_decide_with_the_power_it_says():
+    """Racing spends a seed on an arm undecided against full FT only when max_seeds decide it at
+    paired.POWER. The default demo's r8 q,v arm after one seed: -3.35 points (margin 1), seed noise 1.2 points
+    and rows 0.9 (se 1.5), six arms pooled. "The same interval at 2 seeds" (normal quantile) promised 2 seeds;
+    simulated with the sweep's pooled pivot, 2 decide it in under half the draws. The projection's 4 decide
+    it at least 80 % of the time, and 3 do not."""
+    from evaluation.paired import POWER, pooled_seed_noise, seeds_to_decide
 
-    diff = PairedDiff(-0.036, -0.0671, -0.0051, 0.0095, 0.95, 2000, (2, 2),
-                      "rows and seeds (seed noise pooled over the sweep's arms)", "generalized pivot, pooled")
-    assert rows_to_decide(diff.se, diff.mean, 0.01, 2) == 2  # the projection alone: the seeds there suffice
-    assert _settle(diff, 1.0, "max", 100) == ("about 3 seeds an arm (now 2)", 3.0)
+    rng = np.random.default_rng(0)
+    n, arms, mean, seed_sd, row_sd = 2000, 6, -0.0335, 0.012, 0.009
+    se = math.hypot(seed_sd, row_sd)
+    needed = seeds_to_decide(se, mean, 0.01, 1, arms, seed_share=(seed_sd / se) ** 2)
+    assert stats.norm.ppf(0.975) * se / math.sqrt(2) < abs(mean + 0.01)  # what the old projection read: 2
+    assert needed == 4
 
+    def decided_share(k: int, draws: int = 400) -> float:
+        hits = 0
+        for _ in range(draws):
+            tables = [(mean if a == 0 else rng.normal(0, 0.01)) + rng.normal(0, seed_sd, (k, 1))
+                      + rng.normal(0, row_sd * math.sqrt(n), (k, n)) for a in range(arms)]
+            diff = paired_diff_ci(tables[0], np.zeros_like(tables[0]), seeds_a=list(range(k)),
+                                  seeds_b=list(range(k)), pooled=pooled_seed_noise(tables), rng=rng)
+            hits += verdict(diff.low, diff.high, 0.01) != "undecided"
+        return hits / draws
+
+    assert decided_share(2) < 0.5
+    assert decided_share(needed - 1) < POWER <= decided_share(needed)
+    assert seeds_to_decide(se, -0.01, 0.01, 1, arms) is None  # on the margin: no number of seeds decides it
+    # a loss is worse upwards; a mean inside the margin needs as many seeds as one as far outside it
+    assert seeds_to_decide(se, -mean, 0.01, 1, arms, seed_share=(seed_sd / se) ** 2, mode="min") == needed
+    assert seeds_to_decide(se, mean + 0.047, 0.01, 1, arms, seed_share=(seed_sd / se) ** 2) == needed
