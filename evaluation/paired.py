@@ -250,9 +250,9 @@ def verdict(low: float, high: float, margin: float, mode: str = "max") -> str:
 
 def rows_to_decide(se: float, mean: float, margin: float, n_rows: int, *, confidence: float = 0.95,
                    mode: str = "max", target: str = "decided") -> Optional[int]:
-    """About how many rows in all an interval around the same mean would need for `target`: "decided" (any verdict but undecided: the interval clear of -margin) or
-    "equivalent" (inside +-margin). The half-width shrinks as 1/sqrt(n); the normal quantile stands in for
-    the interval's. `n_rows` when there already; None when no number of rows gets there (a mean exactly on
+    """About how many rows in all an interval around the same mean would need for `target`: "decided" (any
+    verdict but undecided: the interval clear of -margin) or "equivalent" (inside +-margin). The half-width
+    shrinks as 1/sqrt(n); the normal quantile stands in for the interval's. `n_rows` when there already; None when no number of rows gets there (a mean exactly on
     -margin; for equivalence, a mean at or beyond the margin)."""
     if target not in ("decided", "equivalent"):
         raise ValueError(f"target {target!r} is not 'decided' or 'equivalent'")

@@ -199,6 +199,13 @@ def _scheduler(cfg: SweepConfig):
     return None  # FIFO
 
 
+def _reuse_processes(cfg: SweepConfig) -> bool:
+    """cluster.reuse_processes, where every trial ends by returning (FIFO). A trial ASHA stops is still
+    recording itself as pruned when Tune hands its process to the next trial; Tune gives the handover 2 s
+    (TUNE_FUNCTION_THREAD_TIMEOUT_S), and with reuse on, 2 of an ASHA sweep's 6 trials left no run at all."""
+    return cfg.cluster.reuse_processes and cfg.scheduler.name == "fifo"
+
+
 def _searcher(cfg: SweepConfig, plan: Plan, parent: str):
     if cfg.search.racing:  # arms and seeds come from the race (sweeps/racing.py); it reads the parent's runs
         from sweeps.racing import racer
@@ -290,7 +297,8 @@ def run_sweep(cfg: SweepConfig, plan: Plan | None = None) -> dict:
                 # racing: Tune asks the racer for trials until it says FINISHED, at most the worst case
                 search_alg=_searcher(cfg, plan, parent),
                 num_samples=_planned_trials(cfg, plan) if cfg.search.racing else cfg.search.num_samples,
-                max_concurrent_trials=cfg.cluster.max_concurrent_trials),
+                max_concurrent_trials=cfg.cluster.max_concurrent_trials,
+                reuse_actors=_reuse_processes(cfg)),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=_storage(cfg.cluster.storage_path),
                 failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures, fail_fast=False),

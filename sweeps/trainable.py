@@ -13,6 +13,9 @@ import os
 import tempfile
 
 
+_trials_started_here = 0  # in this process: a slot's process runs several with cluster.reuse_processes
+
+
 def ray_trial(params: dict, plan, cpus: float, skip_finished: bool = False, metric: str | None = None,
               cluster=None, storage: str | None = None) -> None:
     """`cluster`: the sweep's ClusterConfig (a multi-worker trial's resources and retries); `storage`: where
@@ -33,11 +36,14 @@ def ray_trial(params: dict, plan, cpus: float, skip_finished: bool = False, metr
             tune.report({**twin.data.metrics, "status": "ok", "mlflow_run_id": twin.info.run_id, "reused": 1})
             return
 
+    global _trials_started_here
     context = ray.get_runtime_context()
     placement = {record.RAY_NODE: context.get_node_id(), record.RAY_TRIAL_ID: tune.get_context().get_trial_id(),
+                 record.TRIALS_BEFORE_IN_PROCESS: str(_trials_started_here),
                  # which GPU(s) Ray gave the trial, and the share it reserved: audit packing from MLflow
                  record.CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                  record.GPU_SHARE: str(context.get_assigned_resources().get("GPU", 0))}
+    _trials_started_here += 1
     arm = plan.label_of(params["arm"], trial)
     if cfg.train.workers != 1:
         return _on_workers(cfg, arm, placement, cpus, cluster, storage, metric)

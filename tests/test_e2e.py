@@ -49,6 +49,8 @@ def test_sweep_report_promote(tiny_bert, tiny_sweep, capsys):
             assert m in r.data.metrics, m
         # trials get the CPUs Ray granted them (1 each), not the whole machine
         assert r.data.params["num_threads"] == "1"
+    # 6 trials on 2 slots: a slot's process runs its next trial (cluster.reuse_processes), imports paid once
+    assert max(int(r.data.tags[record.TRIALS_BEFORE_IN_PROCESS]) for r in children) >= 1
 
     # the dashboard: a model-training experiment (MLflow 3 opens it on runs, not traces), and `peftsweep ui`'s
     # compare link names exactly this sweep's trials

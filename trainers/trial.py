@@ -195,6 +195,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
             import peft  # noqa: F401
 
             preload_metrics(generation=cfg.task.type == "sft")
+            memory.release_cached(device)  # an earlier trial of this process (reuse_actors) leaves none behind
             rss_baseline = memory.reset_host_peak()
             net = load_model(cfg, len(cfg.task.labels), tokenizer, device)
             net = quantization.prepare_for_training(net, cfg.quant)
@@ -309,7 +310,7 @@ def run_trial(cfg: TrialConfig, report: Optional[Report] = None, num_threads: Op
                 record.SETUP_TIME_S: setup_time, record.ENCODED_FROM_CACHE: float(from_cache),
                 record.TOKENS_PER_S: stats["tokens_per_s"], **speed, record.TRAINABLE_PARAMS: trainable,
                 record.TOTAL_PARAMS: total, record.TRAINABLE_PCT: 100.0 * trainable / total,
-                record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.peak_host_rss_gb(),
+                record.ADAPTER_MB: adapter_mb, record.PEAK_HOST_RSS_GB: memory.trial_host_peak_gb(rss_baseline),
                 record.PEAK_RSS_ABOVE_BASELINE_GB: (memory.host_peak_since_reset_gb() - rss_baseline
                                                     if rss_baseline is not None else None),
                 record.PEAK_TENSOR_MEMORY_GB: memory.peak_tensor_memory_gb(net),
