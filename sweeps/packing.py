@@ -114,6 +114,18 @@ def host_memory_mb() -> int:
 DRIVER_ONLY = {"cpu": 0, "memory": 1}
 
 
+HOST_MEMORY_STEP_MB = 1024
+
+
+def reserved_host_mb(predicted_gb: float) -> int:
+    """A trial's host-memory reservation: its predicted peak, rounded up to HOST_MEMORY_STEP_MB. Tune hands
+    a finished trial's process to the next trial only when both ask for exactly the same resources
+    (cluster.reuse_processes); to the MB, no two arms ever did (the default sweep's 7 arms predict 1.41-1.57
+    GB, and all now ask for 2,048 MB; half-GB steps split them in two). Costs at most 1 GB of
+    over-reservation a trial, which matters only where memory, not cores, limits how many run at once."""
+    return HOST_MEMORY_STEP_MB * math.ceil(1024 * predicted_gb / HOST_MEMORY_STEP_MB)
+
+
 def resources_fn(cluster, plan):
     """Per-trial Ray resources: fixed, or the plan's GPU share when gpus_per_trial is auto (a trial with
     sampled keys, whose memory the plan could not know, is sized when Ray draws it); a multi-worker trial's
@@ -133,8 +145,8 @@ def _resources_fn(cluster, plan):
         capacity = host_memory_mb()
         # CPU trials on this machine reserve their predicted peak RSS (the plan's, per arm): a sweep whose
         # arms differ 5x in memory runs the big ones apart instead of letting two of them exhaust the machine
-        return lambda config: {**fixed, HOST_MEMORY_RESOURCE: min(capacity,
-                                                                   int(1024 * plan.predicted_host_gb(config["arm"])))}
+        return lambda config: {**fixed, HOST_MEMORY_RESOURCE: min(
+            capacity, reserved_host_mb(plan.predicted_host_gb(config["arm"])))}
     cache: dict = {}
 
     def resources(config: dict) -> dict:
