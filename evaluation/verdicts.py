@@ -171,7 +171,7 @@ def sweep_seed_noise(rows: dict, seeds: dict, prefer: Optional[str], n_rows: int
     return (seed_ms, PRESUMED_SEED_DF, 0.0, PRESUMED_SEED_DF), SeedNoise("presumed", presumed_sd, PRESUMED_SEED_DF)
 
 
-def _seed_terms(diff: paired.PairedDiff, pooled: Optional[tuple], presumed: bool, n_arms: int) -> dict:
+def _projection_terms(diff: paired.PairedDiff, pooled: Optional[tuple], presumed: bool, n_arms: int) -> dict:
     """What a seed projection needs of a comparison: every other arm pools its seed noise (an upper bound on
     the degrees of freedom the race reaches: it skips decided arms); what is measured now, and the seed part
     of the interval's variance (all of it for independent seeds, whose t interval already weighs both)."""
@@ -187,8 +187,8 @@ def _compare(rows: dict, seeds: dict, reference: str, margin: float, mode: str, 
     out = {}
     for arm, diff in paired.compare_to(rows, reference, seeds=seeds, pooled=pooled).items():
         judged = paired.verdict(diff.low * scale, diff.high * scale, margin, mode)
-        settle, seeds_needed = (_settle(diff, margin, mode, scale, **_seed_terms(diff, pooled, presumed, len(rows)))
-                                if judged == "undecided" else (None, None))
+        terms = _projection_terms(diff, pooled, presumed, len(rows))
+        settle, seeds_needed = _settle(diff, margin, mode, scale, **terms) if judged == "undecided" else (None, None)
         pairing = diff.pairing.replace("pooled over the sweep's arms", "presumed") if presumed else diff.pairing
         out[arm] = Comparison(arm, reference, diff.mean * scale, diff.low * scale, diff.high * scale, judged,
                               pairing, settle, seeds_needed)
