@@ -17,10 +17,17 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=1)
-def _mallinfo2():
+def _glibc():
     try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    fn = getattr(_glibc(), "mallinfo2", None)  # glibc >= 2.33
+    if fn is None:
         return None
     fn.restype = _MallInfo2
     return fn
@@ -74,10 +81,9 @@ def release_cached(device: str) -> None:
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing kept this way
+    trim = getattr(_glibc(), "malloc_trim", None)
+    if trim is not None:  # elsewhere nothing is kept this way
+        trim(0)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
